@@ -1,0 +1,393 @@
+// reparameterize_kl on the CPU: one fused pass forward (z and each row's KL) and one fused pass
+// backward (all input gradients), parallel over rows with at::parallel_for.
+//
+// Vectorization: the per-element math (csrc/include/robustmm) is branch-free, so gcc vectorizes
+// the inner loops. The hot loops are compiled twice, for baseline x86-64 and for AVX2+FMA, and
+// the AVX2 copy is picked at run time when the CPU has it (no -march=native needed).
+// ROBUSTMM_CPU_CAPABILITY=default forces the baseline copy (tests use it to cover both).
+//
+// In-kernel eps: element i of the flattened tensor gets randn_at(seed, i) (robustmm/philox.h),
+// regenerated in the backward instead of being stored.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "robustmm/checks.h"
+#include "robustmm/cpu_capability.h"
+#include "robustmm/philox.h"
+#include "robustmm/reparam_kl.h"
+
+namespace robustmm {
+namespace cpu {
+namespace {
+
+// Elements handled per inner block; a multiple of 4 so Philox counters stay aligned.
+constexpr int64_t kBlock = 512;
+
+template <typename scalar_t>
+struct ForwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* mu;
+  const scalar_t* logvar;
+  const scalar_t* eps;           // kGivenNoise only
+  const scalar_t* prior_mu;      // PRIOR only
+  const scalar_t* prior_logvar;  // PRIOR only
+  const bool* mask;              // nullable: rows, True = include
+  scalar_t* z;
+  acc_t* kl;                     // rows
+  int64_t dim;
+  uint64_t seed;
+};
+
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_z;
+  const acc_t* grad_kl;  // rows
+  const scalar_t* mu;
+  const scalar_t* logvar;
+  const scalar_t* eps;
+  const scalar_t* prior_mu;
+  const scalar_t* prior_logvar;
+  const bool* mask;
+  scalar_t* grad_mu;
+  scalar_t* grad_logvar;
+  scalar_t* grad_eps;           // nullable
+  scalar_t* grad_prior_mu;      // nullable
+  scalar_t* grad_prior_logvar;  // nullable
+  int64_t dim;
+  uint64_t seed;
+};
+
+// eps of flat indices [first, first + n) into buf (4 * (n / 4 + 2) floats); returns the
+// pointer to the first one. Whole Philox counters are generated, so the vectorizer sees a
+// plain loop over counters.
+RMM_ALWAYS_INLINE const float* philox_block(uint64_t seed, int64_t first, int64_t n,
+                                            float* buf) {
+  const int64_t counter_begin = first >> 2;
+  const int64_t counters = ((first + n + 3) >> 2) - counter_begin;
+  for (int64_t c = 0; c < counters; ++c) {
+    const Normal4 r = randn4x(seed, static_cast<uint64_t>(counter_begin + c));
+    buf[4 * c + 0] = r.n0;
+    buf[4 * c + 1] = r.n1;
+    buf[4 * c + 2] = r.n2;
+    buf[4 * c + 3] = r.n3;
+  }
+  return buf + (first & 3);
+}
+
+// Sum with 16 independent lanes so the loop vectorizes without -ffast-math.
+template <typename acc_t>
+RMM_ALWAYS_INLINE acc_t sum_block(const acc_t* x, int64_t n) {
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k];
+  }
+  acc_t total = 0;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < n; ++j) total += x[j];
+  return total;
+}
+
+template <typename scalar_t, int NOISE, bool PRIOR>
+RMM_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t row_begin,
+                                    int64_t row_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kSample = NOISE != kNoNoise;
+  alignas(64) float noise[kBlock + 8];
+  alignas(64) acc_t kl_terms[kBlock];
+  const int64_t dim = a.dim;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t base = row * dim;
+    if (a.mask != nullptr && !a.mask[row]) {
+      std::fill_n(a.z + base, dim, scalar_t(0));
+      a.kl[row] = acc_t(0);
+      continue;
+    }
+    acc_t kl_row = 0;
+    for (int64_t start = 0; start < dim; start += kBlock) {
+      const int64_t n = std::min(kBlock, dim - start);
+      const int64_t at = base + start;
+      const float* drawn = NOISE == kPhiloxNoise ? philox_block(a.seed, at, n, noise) : nullptr;
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t m = static_cast<acc_t>(a.mu[at + j]);
+        const acc_t lv = static_cast<acc_t>(a.logvar[at + j]);
+        acc_t e = acc_t(0);
+        if constexpr (NOISE == kGivenNoise) e = static_cast<acc_t>(a.eps[at + j]);
+        if constexpr (NOISE == kPhiloxNoise) e = static_cast<acc_t>(drawn[j]);
+        ReparamKLForward<acc_t> out;
+        if constexpr (PRIOR) {
+          out = reparam_kl_forward_elem<acc_t>(kSample, m, lv, e,
+                                               static_cast<acc_t>(a.prior_mu[at + j]),
+                                               static_cast<acc_t>(a.prior_logvar[at + j]));
+        } else {
+          out = reparam_kl_forward_elem<acc_t>(kSample, m, lv, e);
+        }
+        a.z[at + j] = static_cast<scalar_t>(out.z);
+        kl_terms[j] = out.kl;
+      }
+      kl_row += sum_block(kl_terms, n);
+    }
+    a.kl[row] = kl_row;
+  }
+}
+
+template <typename scalar_t, int NOISE, bool PRIOR>
+RMM_ALWAYS_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t row_begin,
+                                     int64_t row_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kSample = NOISE != kNoNoise;
+  alignas(64) float noise[kBlock + 8];
+  const int64_t dim = a.dim;
+  scalar_t* const outputs[] = {a.grad_mu, a.grad_logvar, a.grad_eps, a.grad_prior_mu,
+                               a.grad_prior_logvar};
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t base = row * dim;
+    if (a.mask != nullptr && !a.mask[row]) {
+      for (scalar_t* out : outputs) {
+        if (out != nullptr) std::fill_n(out + base, dim, scalar_t(0));
+      }
+      continue;
+    }
+    const acc_t gk = a.grad_kl[row];
+    for (int64_t start = 0; start < dim; start += kBlock) {
+      const int64_t n = std::min(kBlock, dim - start);
+      const int64_t at = base + start;
+      const float* drawn = NOISE == kPhiloxNoise ? philox_block(a.seed, at, n, noise) : nullptr;
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t gz = static_cast<acc_t>(a.grad_z[at + j]);
+        const acc_t m = static_cast<acc_t>(a.mu[at + j]);
+        const acc_t lv = static_cast<acc_t>(a.logvar[at + j]);
+        acc_t e = acc_t(0);
+        if constexpr (NOISE == kGivenNoise) e = static_cast<acc_t>(a.eps[at + j]);
+        if constexpr (NOISE == kPhiloxNoise) e = static_cast<acc_t>(drawn[j]);
+        ReparamKLBackward<acc_t> g;
+        if constexpr (PRIOR) {
+          g = reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e,
+                                              static_cast<acc_t>(a.prior_mu[at + j]),
+                                              static_cast<acc_t>(a.prior_logvar[at + j]));
+        } else {
+          g = reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e);
+        }
+        a.grad_mu[at + j] = static_cast<scalar_t>(g.dmu);
+        a.grad_logvar[at + j] = static_cast<scalar_t>(g.dlv);
+      }
+      // The optional gradients are rare: a second pass keeps the hot loop free of branches.
+      if (a.grad_eps != nullptr || a.grad_prior_mu != nullptr || a.grad_prior_logvar != nullptr) {
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t gz = static_cast<acc_t>(a.grad_z[at + j]);
+          const acc_t m = static_cast<acc_t>(a.mu[at + j]);
+          const acc_t lv = static_cast<acc_t>(a.logvar[at + j]);
+          acc_t e = acc_t(0);
+          if constexpr (NOISE == kGivenNoise) e = static_cast<acc_t>(a.eps[at + j]);
+          if constexpr (NOISE == kPhiloxNoise) e = static_cast<acc_t>(drawn[j]);
+          ReparamKLBackward<acc_t> g;
+          if constexpr (PRIOR) {
+            g = reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e,
+                                                static_cast<acc_t>(a.prior_mu[at + j]),
+                                                static_cast<acc_t>(a.prior_logvar[at + j]));
+          } else {
+            g = reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e);
+          }
+          if (a.grad_eps != nullptr) a.grad_eps[at + j] = static_cast<scalar_t>(g.deps);
+          if (a.grad_prior_mu != nullptr) a.grad_prior_mu[at + j] = static_cast<scalar_t>(g.dpm);
+          if (a.grad_prior_logvar != nullptr) {
+            a.grad_prior_logvar[at + j] = static_cast<scalar_t>(g.dplv);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The two ISA copies of each hot loop.
+template <typename scalar_t, int NOISE, bool PRIOR>
+RMM_TARGET_AVX2 void forward_rows_avx2(const ForwardArgs<scalar_t>& a, int64_t b, int64_t e) {
+  forward_rows<scalar_t, NOISE, PRIOR>(a, b, e);
+}
+template <typename scalar_t, int NOISE, bool PRIOR>
+void forward_rows_default(const ForwardArgs<scalar_t>& a, int64_t b, int64_t e) {
+  forward_rows<scalar_t, NOISE, PRIOR>(a, b, e);
+}
+template <typename scalar_t, int NOISE, bool PRIOR>
+RMM_TARGET_AVX2 void backward_rows_avx2(const BackwardArgs<scalar_t>& a, int64_t b, int64_t e) {
+  backward_rows<scalar_t, NOISE, PRIOR>(a, b, e);
+}
+template <typename scalar_t, int NOISE, bool PRIOR>
+void backward_rows_default(const BackwardArgs<scalar_t>& a, int64_t b, int64_t e) {
+  backward_rows<scalar_t, NOISE, PRIOR>(a, b, e);
+}
+
+// Enough elements per task to amortize the thread hand-off.
+int64_t grain_rows(int64_t dim) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1)); }
+
+template <typename Fn>
+void dispatch_modes(int64_t noise, bool prior, Fn&& fn) {
+  auto with_prior = [&](auto noise_tag) {
+    if (prior) {
+      fn(noise_tag, std::true_type{});
+    } else {
+      fn(noise_tag, std::false_type{});
+    }
+  };
+  switch (noise) {
+    case kNoNoise: with_prior(std::integral_constant<int, kNoNoise>{}); break;
+    case kGivenNoise: with_prior(std::integral_constant<int, kGivenNoise>{}); break;
+    default: with_prior(std::integral_constant<int, kPhiloxNoise>{}); break;
+  }
+}
+
+struct Inputs {
+  at::Tensor mu, logvar, eps, prior_mu, prior_logvar, mask;
+};
+
+Inputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar,
+                    const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& prior_mu,
+                    const std::optional<at::Tensor>& prior_logvar,
+                    const std::optional<at::Tensor>& mask, int64_t noise) {
+  check_floating(mu, "mu");
+  TORCH_CHECK_VALUE(mu.dim() >= 1, "robustmm: mu must have at least 1 dim (..., D), got a scalar");
+  check_like(logvar, "logvar", mu, "mu");
+  TORCH_CHECK_VALUE(noise == kNoNoise || noise == kGivenNoise || noise == kPhiloxNoise,
+                    "robustmm: noise must be 0 (none), 1 (given eps) or 2 (in-kernel), got ",
+                    noise);
+  TORCH_CHECK_VALUE(eps.has_value() == (noise == kGivenNoise),
+                    "robustmm: eps must be given exactly when noise == 1");
+  TORCH_CHECK_VALUE(prior_mu.has_value() == prior_logvar.has_value(),
+                    "robustmm: prior_mu and prior_logvar must be given together at this level");
+  Inputs in;
+  in.mu = mu.contiguous();
+  in.logvar = logvar.contiguous();
+  if (eps) {
+    check_like(*eps, "eps", mu, "mu");
+    in.eps = eps->contiguous();
+  }
+  if (prior_mu) {
+    check_like(*prior_mu, "prior_mu", mu, "mu");
+    check_like(*prior_logvar, "prior_logvar", mu, "mu");
+    in.prior_mu = prior_mu->contiguous();
+    in.prior_logvar = prior_logvar->contiguous();
+  }
+  if (mask) {
+    check_row_mask(*mask, "mask", mu, "mu");
+    in.mask = mask->contiguous();
+  }
+  TORCH_CHECK(mu.device().is_cpu(), "robustmm: the CPU kernel got tensors on ", mu.device());
+  return in;
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mutable_ptr_or_null(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> reparam_kl_forward(
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+    const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+    const std::optional<at::Tensor>& mask, int64_t seed, int64_t noise) {
+  const Inputs in = check_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise);
+  const int64_t dim = mu.size(-1);
+  const auto lead = mu.sizes().slice(0, mu.dim() - 1);
+  const int64_t rows = c10::multiply_integers(lead);
+  at::Tensor z = at::empty_like(in.mu);
+  at::Tensor kl = at::empty(lead, mu.options().dtype(accumulate_type(mu.scalar_type())));
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ForwardArgs<scalar_t> a{in.mu.data_ptr<scalar_t>(),
+                            in.logvar.data_ptr<scalar_t>(),
+                            ptr_or_null<scalar_t>(in.eps),
+                            ptr_or_null<scalar_t>(in.prior_mu),
+                            ptr_or_null<scalar_t>(in.prior_logvar),
+                            ptr_or_null<bool>(in.mask),
+                            z.data_ptr<scalar_t>(),
+                            kl.data_ptr<acc_t>(),
+                            dim,
+                            static_cast<uint64_t>(seed)};
+    dispatch_modes(noise, in.prior_mu.defined(), [&](auto noise_tag, auto prior_tag) {
+      constexpr int kNoise = decltype(noise_tag)::value;
+      constexpr bool kPrior = decltype(prior_tag)::value;
+      auto body = avx2 ? forward_rows_avx2<scalar_t, kNoise, kPrior>
+                       : forward_rows_default<scalar_t, kNoise, kPrior>;
+      at::parallel_for(0, rows, grain_rows(dim), [&](int64_t b, int64_t e) { body(a, b, e); });
+    });
+  });
+  return {z, kl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_kl_backward(
+    const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu,
+    const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+    const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+    const std::optional<at::Tensor>& mask, int64_t seed, int64_t noise, bool need_grad_eps,
+    bool need_grad_prior) {
+  const Inputs in = check_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise);
+  check_like(grad_z, "grad_z", mu, "mu");
+  const auto lead = mu.sizes().slice(0, mu.dim() - 1);
+  TORCH_CHECK_VALUE(grad_kl.sizes() == lead, "robustmm: grad_kl must have shape ", lead,
+                    ", got ", grad_kl.sizes());
+  TORCH_CHECK_TYPE(grad_kl.scalar_type() == accumulate_type(mu.scalar_type()),
+                   "robustmm: grad_kl must be ", accumulate_type(mu.scalar_type()), ", got ",
+                   grad_kl.scalar_type());
+  const at::Tensor gz = grad_z.contiguous();
+  const at::Tensor gk = grad_kl.contiguous();
+  const int64_t dim = mu.size(-1);
+  const int64_t rows = c10::multiply_integers(lead);
+  at::Tensor grad_mu = at::empty_like(in.mu);
+  at::Tensor grad_logvar = at::empty_like(in.mu);
+  at::Tensor grad_eps, grad_prior_mu, grad_prior_logvar;
+  if (need_grad_eps && in.eps.defined()) grad_eps = at::empty_like(in.mu);
+  if (need_grad_prior && in.prior_mu.defined()) {
+    grad_prior_mu = at::empty_like(in.mu);
+    grad_prior_logvar = at::empty_like(in.mu);
+  }
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardArgs<scalar_t> a{gz.data_ptr<scalar_t>(),
+                             gk.data_ptr<acc_t>(),
+                             in.mu.data_ptr<scalar_t>(),
+                             in.logvar.data_ptr<scalar_t>(),
+                             ptr_or_null<scalar_t>(in.eps),
+                             ptr_or_null<scalar_t>(in.prior_mu),
+                             ptr_or_null<scalar_t>(in.prior_logvar),
+                             ptr_or_null<bool>(in.mask),
+                             grad_mu.data_ptr<scalar_t>(),
+                             grad_logvar.data_ptr<scalar_t>(),
+                             mutable_ptr_or_null<scalar_t>(grad_eps),
+                             mutable_ptr_or_null<scalar_t>(grad_prior_mu),
+                             mutable_ptr_or_null<scalar_t>(grad_prior_logvar),
+                             dim,
+                             static_cast<uint64_t>(seed)};
+    dispatch_modes(noise, in.prior_mu.defined(), [&](auto noise_tag, auto prior_tag) {
+      constexpr int kNoise = decltype(noise_tag)::value;
+      constexpr bool kPrior = decltype(prior_tag)::value;
+      auto body = avx2 ? backward_rows_avx2<scalar_t, kNoise, kPrior>
+                       : backward_rows_default<scalar_t, kNoise, kPrior>;
+      at::parallel_for(0, rows, grain_rows(dim), [&](int64_t b, int64_t e) { body(a, b, e); });
+    });
+  });
+  return {grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robustmm_C, CPU, m) {
+  m.impl("reparam_kl_forward", &reparam_kl_forward);
+  m.impl("reparam_kl_backward", &reparam_kl_backward);
+}
+
+}  // namespace cpu
+}  // namespace robustmm

@@ -1,0 +1,200 @@
+"""Backend availability and choice (DESIGN §3).
+
+Four backends implement every op: ``reference`` (pure PyTorch, any device), ``cpp`` (the C++
+extension ``robustmm_fast._C``, CPU tensors), ``cuda`` (``robustmm_fast._C_cuda``, CUDA tensors)
+and ``triton`` (``robustmm_fast.kernels``, CUDA tensors; CPU tensors only under
+``TRITON_INTERPRET=1``).
+
+The choice comes from ``use_backend(name)`` if active, else ``ROBUSTMM_BACKEND``, else ``auto``:
+CPU tensors -> cpp if built, else reference; CUDA tensors -> cuda, else triton, else reference.
+An explicitly requested backend that cannot run raises RuntimeError saying why and how to fix it;
+``auto`` falls back quietly (one debug log line per fallback).
+
+Importing this module never fails for a missing extension, triton or GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+__all__ = ["BACKENDS", "backends", "use_backend", "resolve", "last_backend", "backend_calls"]
+
+log = logging.getLogger("robustmm_fast")
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+_CHOICES = ("auto",) + BACKENDS
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("robustmm_backend", default=None)
+
+# op name -> backend that ran its last call, and a count per (op, backend): tests use these to
+# prove that the backend they name really ran.
+_last: dict[str, str] = {}
+backend_calls: Counter = Counter()
+
+
+def _build_record() -> dict:
+    path = Path(__file__).with_name("_build_status.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _import_extension(name: str):
+    """(module or None, reason it is missing)."""
+    try:
+        return importlib.import_module(f"robustmm_fast.{name}"), None
+    except Exception as exc:  # ImportError, or an undefined symbol from an ABI mismatch
+        recorded = _build_record().get(name)
+        if isinstance(exc, ModuleNotFoundError) and exc.name == f"robustmm_fast.{name}":
+            why = recorded or ("not built (no build record: installed without torch at build "
+                               "time, e.g. an isolated `pip install .`)")
+        else:
+            why = f"import failed: {exc.__class__.__name__}: {exc}"
+        return None, why
+
+
+_C, _C_reason = _import_extension("_C")
+if _C is None:
+    _C_cuda, _C_cuda_reason = None, f"needs robustmm_fast._C, which is unavailable ({_C_reason})"
+elif torch.version.cuda is None and torch.version.hip is None:
+    _C_cuda, _C_cuda_reason = None, f"torch {torch.__version__} is a CPU-only build"
+else:
+    _C_cuda, _C_cuda_reason = _import_extension("_C_cuda")
+
+_FIX = {
+    "cpp": "reinstall with `pip install --no-build-isolation .` in an environment with torch and a C++ compiler",
+    "cuda": "install a CUDA build of torch and nvcc, then `pip install --no-build-isolation .` (or FORCE_CUDA=1)",
+    "triton": "`pip install triton` and run on a CUDA device (or set TRITON_INTERPRET=1 before import, for CPU tests)",
+}
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_status() -> tuple[bool, str | None]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    try:
+        importlib.import_module("robustmm_fast.kernels")
+    except Exception as exc:
+        return False, f"robustmm_fast.kernels failed to import: {exc.__class__.__name__}: {exc}"
+    return True, None
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run on tensors of `device`, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs CPU tensors, got {device}"
+        return None if _C is not None else f"robustmm_fast._C: {_C_reason}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors, got {device}"
+        return None if _C_cuda is not None else f"robustmm_fast._C_cuda: {_C_cuda_reason}"
+    if backend == "triton":
+        ok, why = _triton_status()
+        if not ok:
+            return why
+        if device.type == "cuda" or (device.type == "cpu" and _triton_interpret()):
+            return None
+        return f"triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
+    raise ValueError(f"unknown backend {backend!r}; expected one of {_CHOICES}")
+
+
+def requested_backend() -> str:
+    """The backend asked for by use_backend(...) or ROBUSTMM_BACKEND, or 'auto'."""
+    name = _requested.get()
+    if name is None:
+        name = os.environ.get("ROBUSTMM_BACKEND", "auto").strip().lower() or "auto"
+        if name not in _CHOICES:
+            raise ValueError(f"ROBUSTMM_BACKEND={name!r} is not one of {_CHOICES}")
+    return name
+
+
+def resolve(op: str, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """Pick the backend that runs `op` on tensors of `device`, and record the choice.
+
+    `implemented` lists the backends that have a kernel for this op.
+    """
+    name = requested_backend()
+    if name != "auto":
+        why = None if name in implemented else f"op {op!r} has no {name} kernel"
+        why = why or _unavailable_reason(name, device)
+        if why is not None:
+            fix = _FIX.get(name, "")
+            raise RuntimeError(f"robustmm_fast: backend {name!r} was requested for {op} but is "
+                               f"unavailable: {why}." + (f" To fix: {fix}." if fix else ""))
+    else:
+        order = ("cpp",) if device.type == "cpu" else ("cuda", "triton")
+        name = "reference"
+        for candidate in order:
+            if candidate not in implemented:
+                continue
+            why = _unavailable_reason(candidate, device)
+            if why is None:
+                name = candidate
+                break
+            log.debug("robustmm_fast: %s falls back from %s: %s", op, candidate, why)
+    _last[op] = name
+    backend_calls[(op, name)] += 1
+    return name
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that ran the most recent call of `op` (None if it never ran)."""
+    return _last.get(op)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block on backend `name` ('auto', 'reference', 'cpp', 'cuda', 'triton')."""
+    name = name.strip().lower()
+    if name not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    token = _requested.set(name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def backends() -> dict[str, dict]:
+    """Each backend's availability: {name: {"available": bool, "reason": str | None, "devices": ...}}."""
+    cuda_dev = torch.device("cuda")
+    cpu_dev = torch.device("cpu")
+    out = {}
+    for name in BACKENDS:
+        if name == "reference":
+            out[name] = {"available": True, "reason": None, "devices": "cpu, cuda"}
+        elif name == "cpp":
+            why = _unavailable_reason(name, cpu_dev)
+            out[name] = {"available": why is None, "reason": why, "devices": "cpu"}
+        elif name == "cuda":
+            why = _unavailable_reason(name, cuda_dev)
+            if why is None and not torch.cuda.is_available():
+                why = "built, but no CUDA device is visible"
+            out[name] = {"available": why is None, "reason": why, "devices": "cuda"}
+        else:
+            ok, why = _triton_status()
+            devices = "cuda" + (", cpu (TRITON_INTERPRET=1)" if _triton_interpret() else "")
+            if ok and not torch.cuda.is_available() and not _triton_interpret():
+                ok, why = False, "installed, but no CUDA device is visible (and TRITON_INTERPRET is not 1)"
+            out[name] = {"available": ok, "reason": why, "devices": devices}
+    return out
+
+
+def cpu_capability() -> str | None:
+    """'avx2' or 'default': which copy of the CPU kernels runs (None without the extension)."""
+    return _C.cpu_capability() if _C is not None else None

@@ -1,0 +1,83 @@
+"""GaussianBottleneck: mu/logvar heads + fused reparameterize_kl (CyIN's token-level IB,
+DMRNet's probabilistic embedding)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.reparam_kl import reparameterize_kl
+from ..reference.reparam_kl import REDUCTIONS
+
+
+class GaussianBottleneck(nn.Module):
+    """x -> (z, kl) with mu = W_mu x, logvar = W_lv x, z = mu + exp(logvar/2) * eps and
+    kl = KL(N(mu, e^logvar) || N(0, I)) summed over the latent dim.
+
+    Args:
+        in_dim, latent_dim: feature sizes.
+        hidden_dim: if set, each head is Linear(in, hidden) -> ReLU -> Linear(hidden, latent)
+            (CyIN's two 1x1 convolutions); otherwise one Linear.
+        sample_in_eval: draw z in eval mode too (CyIN samples at test time); by default eval
+            gives z = mu (DMRNet). `forward(sample=...)` overrides both.
+        reduction: how `kl` is reduced, as in reparameterize_kl.
+        logvar_clamp: optional (min, max) clamp of logvar for numerical safety.
+        batch_norm: BatchNorm1d after each head's last linear (DMRNet's mu = BN(W h)).
+
+    Works on ``(B, in_dim)`` vectors and ``(B, L, in_dim)`` token sequences alike (a Linear
+    over the last dim is a 1x1 convolution over time).
+    """
+
+    def __init__(self, in_dim: int, latent_dim: int, *, hidden_dim: Optional[int] = None,
+                 sample_in_eval: bool = False, reduction: str = "none",
+                 logvar_clamp: Optional[tuple[float, float]] = None, batch_norm: bool = False,
+                 bias: bool = True):
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("latent_dim", latent_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if hidden_dim is not None and (not isinstance(hidden_dim, int) or hidden_dim <= 0):
+            raise ValueError(f"hidden_dim must be a positive int or None, got {hidden_dim!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if logvar_clamp is not None and not (len(logvar_clamp) == 2 and logvar_clamp[0] < logvar_clamp[1]):
+            raise ValueError(f"logvar_clamp must be (min, max) with min < max, got {logvar_clamp!r}")
+        self.in_dim, self.latent_dim = in_dim, latent_dim
+        self.sample_in_eval, self.reduction, self.logvar_clamp = sample_in_eval, reduction, logvar_clamp
+        self.mu = self._head(in_dim, latent_dim, hidden_dim, bias)
+        self.logvar = self._head(in_dim, latent_dim, hidden_dim, bias)
+        self.mu_norm = nn.BatchNorm1d(latent_dim) if batch_norm else None
+        self.logvar_norm = nn.BatchNorm1d(latent_dim) if batch_norm else None
+
+    @staticmethod
+    def _head(in_dim, latent_dim, hidden_dim, bias) -> nn.Module:
+        if hidden_dim is None:
+            return nn.Linear(in_dim, latent_dim, bias=bias)
+        return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=bias), nn.ReLU(),
+                             nn.Linear(hidden_dim, latent_dim, bias=bias))
+
+    @staticmethod
+    def _norm(norm: Optional[nn.Module], t: Tensor) -> Tensor:
+        if norm is None:
+            return t
+        return norm(t.reshape(-1, t.shape[-1])).reshape(t.shape)  # over all rows, per channel
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, sample: Optional[bool] = None,
+                eps: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """x: (..., in_dim); mask: bool (...) True = include. Returns z (..., latent_dim) and kl."""
+        if x.dim() < 1 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"x must have last dim in_dim={self.in_dim}, got shape {tuple(x.shape)}")
+        mu = self._norm(self.mu_norm, self.mu(x))
+        logvar = self._norm(self.logvar_norm, self.logvar(x))
+        if self.logvar_clamp is not None:
+            logvar = logvar.clamp(*self.logvar_clamp)
+        if sample is None:
+            sample = self.training or self.sample_in_eval
+        self.last_mu, self.last_logvar = mu, logvar  # for callers that need the moments (DMRNet)
+        return reparameterize_kl(mu, logvar, eps=eps, mask=mask, sample=sample,
+                                 reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"in_dim={self.in_dim}, latent_dim={self.latent_dim}, "
+                f"sample_in_eval={self.sample_in_eval}, reduction={self.reduction!r}")

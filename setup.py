@@ -1,0 +1,125 @@
+"""Build of robustmm_fast: the pure-Python package plus two optional extensions.
+
+- robustmm_fast._C       C++ CPU kernels and the op schemas, built whenever torch is importable.
+- robustmm_fast._C_cuda  CUDA kernels, built when torch is a CUDA build and nvcc exists, or when
+                         FORCE_CUDA=1 / TORCH_CUDA_ARCH_LIST is set.
+
+A failed extension build does not fail the install: the package installs without it, the
+failure is printed loudly and recorded in robustmm_fast/_build_status.json, which
+`robustmm info` shows. Without torch at build time (a plain isolated `pip install .`) no
+extension is built and the import says how to get one.
+"""
+import json
+import os
+import sys
+import traceback
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = [
+    "robustmm_fast",
+    "robustmm_fast.ops",
+    "robustmm_fast.reference",
+    "robustmm_fast.nn",
+    "robustmm_fast.kernels",
+]
+PACKAGE_DIR = {"robustmm_fast.kernels": "kernels"}
+STATUS_FILE = "_build_status.json"
+
+
+def _sources(folder, suffix):
+    path = os.path.join("csrc", folder)
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(suffix))
+
+
+def _warn(message):
+    bar = "!" * 78
+    print(f"\n{bar}\nrobustmm_fast: {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _want_cuda(torch, cuda_home):
+    if os.environ.get("FORCE_CUDA", "0") == "1" or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return True, "requested by FORCE_CUDA/TORCH_CUDA_ARCH_LIST"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if cuda_home is None:
+        return False, "nvcc / CUDA_HOME not found"
+    return True, f"torch CUDA {torch.version.cuda}, CUDA_HOME={cuda_home}"
+
+
+def _extensions():
+    """(ext_modules, cmdclass, status) -- status records why an extension is absent."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except Exception as exc:  # isolated build: no torch here
+        reason = (f"torch is not importable at build time ({exc.__class__.__name__}: {exc}); "
+                  "installed without the C++/CUDA extensions. Reinstall with "
+                  "`pip install --no-build-isolation .` in an environment that has torch.")
+        _warn(reason)
+        return [], {}, {"_C": reason, "_C_cuda": reason}
+
+    include = [os.path.join(ROOT, "csrc", "include")]
+    opt = ["-O3", "-fno-math-errno", "-fno-trapping-math"]  # no -march=native: see csrc/cpu
+    cxx = ["-std=c++17", *opt]
+    link = []
+    if torch.backends.openmp.is_available():
+        cxx.append("-fopenmp")  # at::parallel_for is OpenMP inline code in torch's headers
+        link.append("-fopenmp")
+    ext = [CppExtension("robustmm_fast._C", ["csrc/ops.cpp", *_sources("cpu", ".cpp")],
+                        include_dirs=include, extra_compile_args={"cxx": cxx},
+                        extra_link_args=link)]
+    status = {"_C": None, "_C_cuda": None}
+    want, why = _want_cuda(torch, CUDA_HOME)
+    if want:
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        ext.append(CUDAExtension("robustmm_fast._C_cuda", _sources("cuda", ".cu") + _sources("cuda", ".cpp"),
+                                 include_dirs=include,
+                                 extra_compile_args={"cxx": ["-std=c++17", "-O3"], "nvcc": nvcc}))
+    else:
+        status["_C_cuda"] = f"not built: {why}"
+
+    class OptionalBuildExt(BuildExtension):
+        """Builds each extension on its own; a failure is recorded, not fatal."""
+
+        def build_extension(self, extension):
+            name = extension.name.rsplit(".", 1)[-1]
+            try:
+                super().build_extension(extension)
+                status[name] = None
+            except Exception as exc:
+                tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                status[name] = f"build failed: {tail[-2000:]}"
+                _warn(f"building {extension.name} failed; installing without it.\n{tail}")
+
+        def run(self):
+            super().run()
+            self._write_status()
+
+        def _write_status(self):
+            text = json.dumps(status, indent=2)
+            targets = [os.path.join(self.build_lib, "robustmm_fast")]
+            if self.inplace or getattr(self, "editable_mode", False):
+                targets.append(os.path.join(ROOT, "robustmm_fast"))
+            for folder in targets:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, STATUS_FILE), "w") as f:
+                    f.write(text + "\n")
+
+    cmdclass = {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
+    return ext, cmdclass, status
+
+
+ext_modules, cmdclass, _ = _extensions()
+
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"robustmm_fast": [STATUS_FILE]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

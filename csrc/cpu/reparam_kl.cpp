@@ -67,17 +67,35 @@ struct BackwardArgs {
 
 // eps of flat indices [first, first + n) into buf (4 * (n / 4 + 2) floats); returns the
 // pointer to the first one. Whole Philox counters are generated, so the vectorizer sees a
-// plain loop over counters.
-RMM_ALWAYS_INLINE const float* philox_block(uint64_t seed, int64_t first, int64_t n,
-                                            float* buf) {
-  const int64_t counter_begin = first >> 2;
-  const int64_t counters = ((first + n + 3) >> 2) - counter_begin;
+// plain loop over counters. Kept out of line, one copy per ISA: inlined into the kernel body
+// gcc stops vectorizing it.
+RMM_ALWAYS_INLINE void philox_counters(uint64_t seed, int64_t counter_begin, int64_t counters,
+                                       float* buf) {
   for (int64_t c = 0; c < counters; ++c) {
     const Normal4 r = randn4x(seed, static_cast<uint64_t>(counter_begin + c));
     buf[4 * c + 0] = r.n0;
     buf[4 * c + 1] = r.n1;
     buf[4 * c + 2] = r.n2;
     buf[4 * c + 3] = r.n3;
+  }
+}
+__attribute__((noinline)) RMM_TARGET_AVX2 void philox_counters_avx2(uint64_t seed, int64_t begin,
+                                                                    int64_t count, float* buf) {
+  philox_counters(seed, begin, count, buf);
+}
+__attribute__((noinline)) void philox_counters_default(uint64_t seed, int64_t begin, int64_t count,
+                                                       float* buf) {
+  philox_counters(seed, begin, count, buf);
+}
+
+template <bool AVX2>
+RMM_ALWAYS_INLINE const float* philox_block(uint64_t seed, int64_t first, int64_t n, float* buf) {
+  const int64_t counter_begin = first >> 2;
+  const int64_t counters = ((first + n + 3) >> 2) - counter_begin;
+  if constexpr (AVX2) {
+    philox_counters_avx2(seed, counter_begin, counters, buf);
+  } else {
+    philox_counters_default(seed, counter_begin, counters, buf);
   }
   return buf + (first & 3);
 }
@@ -97,7 +115,7 @@ RMM_ALWAYS_INLINE acc_t sum_block(const acc_t* x, int64_t n) {
   return total;
 }
 
-template <typename scalar_t, int NOISE, bool PRIOR>
+template <bool AVX2, typename scalar_t, int NOISE, bool PRIOR>
 RMM_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t row_begin,
                                     int64_t row_end) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -116,7 +134,7 @@ RMM_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t row_
     for (int64_t start = 0; start < dim; start += kBlock) {
       const int64_t n = std::min(kBlock, dim - start);
       const int64_t at = base + start;
-      const float* drawn = NOISE == kPhiloxNoise ? philox_block(a.seed, at, n, noise) : nullptr;
+      const float* drawn = NOISE == kPhiloxNoise ? philox_block<AVX2>(a.seed, at, n, noise) : nullptr;
       for (int64_t j = 0; j < n; ++j) {
         const acc_t m = static_cast<acc_t>(a.mu[at + j]);
         const acc_t lv = static_cast<acc_t>(a.logvar[at + j]);
@@ -140,7 +158,7 @@ RMM_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t row_
   }
 }
 
-template <typename scalar_t, int NOISE, bool PRIOR>
+template <bool AVX2, typename scalar_t, int NOISE, bool PRIOR>
 RMM_ALWAYS_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t row_begin,
                                      int64_t row_end) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -161,7 +179,7 @@ RMM_ALWAYS_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t ro
     for (int64_t start = 0; start < dim; start += kBlock) {
       const int64_t n = std::min(kBlock, dim - start);
       const int64_t at = base + start;
-      const float* drawn = NOISE == kPhiloxNoise ? philox_block(a.seed, at, n, noise) : nullptr;
+      const float* drawn = NOISE == kPhiloxNoise ? philox_block<AVX2>(a.seed, at, n, noise) : nullptr;
       for (int64_t j = 0; j < n; ++j) {
         const acc_t gz = static_cast<acc_t>(a.grad_z[at + j]);
         const acc_t m = static_cast<acc_t>(a.mu[at + j]);
@@ -211,19 +229,19 @@ RMM_ALWAYS_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t ro
 // The two ISA copies of each hot loop.
 template <typename scalar_t, int NOISE, bool PRIOR>
 RMM_TARGET_AVX2 void forward_rows_avx2(const ForwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  forward_rows<scalar_t, NOISE, PRIOR>(a, b, e);
+  forward_rows<true, scalar_t, NOISE, PRIOR>(a, b, e);
 }
 template <typename scalar_t, int NOISE, bool PRIOR>
 void forward_rows_default(const ForwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  forward_rows<scalar_t, NOISE, PRIOR>(a, b, e);
+  forward_rows<false, scalar_t, NOISE, PRIOR>(a, b, e);
 }
 template <typename scalar_t, int NOISE, bool PRIOR>
 RMM_TARGET_AVX2 void backward_rows_avx2(const BackwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  backward_rows<scalar_t, NOISE, PRIOR>(a, b, e);
+  backward_rows<true, scalar_t, NOISE, PRIOR>(a, b, e);
 }
 template <typename scalar_t, int NOISE, bool PRIOR>
 void backward_rows_default(const BackwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  backward_rows<scalar_t, NOISE, PRIOR>(a, b, e);
+  backward_rows<false, scalar_t, NOISE, PRIOR>(a, b, e);
 }
 
 // Enough elements per task to amortize the thread hand-off.

@@ -63,20 +63,29 @@ class GaussianBottleneck(nn.Module):
             return t
         return norm(t.reshape(-1, t.shape[-1])).reshape(t.shape)  # over all rows, per channel
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, sample: Optional[bool] = None,
-                eps: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """x: (..., in_dim); mask: bool (...) True = include. Returns z (..., latent_dim) and kl."""
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of x: (..., in_dim) -> two (..., latent_dim) tensors."""
         if x.dim() < 1 or x.shape[-1] != self.in_dim:
             raise ValueError(f"x must have last dim in_dim={self.in_dim}, got shape {tuple(x.shape)}")
         mu = self._norm(self.mu_norm, self.mu(x))
         logvar = self._norm(self.logvar_norm, self.logvar(x))
         if self.logvar_clamp is not None:
             logvar = logvar.clamp(*self.logvar_clamp)
+        return mu, logvar
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, sample: Optional[bool] = None,
+                eps: Optional[Tensor] = None, return_moments: bool = False):
+        """x: (..., in_dim); mask: bool (...) True = include.
+
+        Returns (z, kl), or (z, kl, mu, logvar) with return_moments=True (DMRNet tracks the
+        predicted variance). z: (..., latent_dim); kl reduced as `self.reduction`.
+        """
+        mu, logvar = self.moments(x)
         if sample is None:
             sample = self.training or self.sample_in_eval
-        self.last_mu, self.last_logvar = mu, logvar  # for callers that need the moments (DMRNet)
-        return reparameterize_kl(mu, logvar, eps=eps, mask=mask, sample=sample,
-                                 reduction=self.reduction)
+        z, kl = reparameterize_kl(mu, logvar, eps=eps, mask=mask, sample=sample,
+                                  reduction=self.reduction)
+        return (z, kl, mu, logvar) if return_moments else (z, kl)
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, latent_dim={self.latent_dim}, "

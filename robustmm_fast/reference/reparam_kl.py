@@ -86,7 +86,10 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if sample and eps is None:
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
+        if generator is None:  # randn_like traces under torch.compile with dynamic shapes
+            eps = torch.randn_like(mu, dtype=torch.float32)
+        else:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
     z, kl = reparam_kl_rows(mu, logvar, eps, prior_mu, prior_logvar, mask, sample)
     batch = mu.shape[0] if mu.dim() >= 2 else 1
     return z, reduce_kl(kl, mask, reduction, batch, mu.dtype)

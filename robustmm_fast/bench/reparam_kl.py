@@ -1,0 +1,83 @@
+"""Benchmark cases of reparameterize_kl: this package's backends against the eager reference,
+torch.compile(reference) and torch.distributions (Normal.rsample + kl_divergence), forward and
+forward+backward, with eps drawn inside (how models use it) and with eps given."""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..ops.reparam_kl import reparameterize_kl
+from ..reference.reparam_kl import reparameterize_kl as reference
+from .runner import Case, Impl
+
+SHAPES = ((64, 50, 128), (256, 50, 1024), (4096, 256))
+EPS_MODES = ("in-kernel", "given")
+REDUCTION = "mean"
+
+
+def cases(shapes=SHAPES, eps_modes=EPS_MODES, dtype=torch.float32) -> list[Case]:
+    return [Case(f"{'x'.join(map(str, s))} {str(dtype).split('.')[-1]} eps={m}",
+                 {"shape": s, "eps": m, "dtype": dtype})
+            for s in shapes for m in eps_modes]
+
+
+def _inputs(case: Case, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape, dtype = case.params["shape"], case.params["dtype"]
+    mu = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    logvar = (0.5 * torch.randn(shape, generator=gen)).to(device, dtype).requires_grad_()
+    eps = torch.randn(shape, generator=gen).to(device, dtype) if case.params["eps"] == "given" else None
+    grad_z = torch.randn(shape, generator=gen).to(device, dtype)
+    return mu, logvar, eps, grad_z
+
+
+def _closures(fn, case, device):
+    mu, logvar, eps, grad_z = _inputs(case, device)
+    one = torch.ones((), device=device, dtype=mu.dtype)
+
+    def forward():
+        with torch.no_grad():
+            return fn(mu, logvar, eps=eps, reduction=REDUCTION)
+
+    def forward_backward():
+        z, kl = fn(mu, logvar, eps=eps, reduction=REDUCTION)
+        torch.autograd.backward((z, kl), (grad_z, one))
+        mu.grad = logvar.grad = None  # as optimizer.zero_grad(set_to_none=True)
+
+    return forward, forward_backward
+
+
+def _ours(backend: str):
+    def make(case, device):
+        if _backend._unavailable_reason(backend, device) is not None:
+            return None
+        def fn(*args, **kwargs):
+            with _backend.use_backend(backend):
+                return reparameterize_kl(*args, **kwargs)
+        return _closures(fn, case, device)
+    return make
+
+
+def _compiled(case, device):
+    torch._dynamo.reset()  # one compiled graph per shape, as a model with fixed shapes gets
+    return _closures(torch.compile(reference, dynamic=False), case, device)
+
+
+def _distributions(mu, logvar, *, eps=None, reduction=REDUCTION):
+    posterior = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    prior = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    z = posterior.rsample()
+    return z, torch.distributions.kl_divergence(posterior, prior).sum(-1).mean()
+
+
+def implementations(device: torch.device) -> tuple[list[Impl], str, tuple[str, ...]]:
+    """(impls, name of ours, baselines for the ratio columns)."""
+    ours = ["cpp"] if device.type == "cpu" else ["cuda", "triton"]
+    impls = [Impl(f"robustmm[{b}]", lambda c, b=b: _ours(b)(c, device)) for b in ours]
+    impls += [
+        Impl("eager reference", lambda c: _closures(reference, c, device)),
+        Impl("compile(reference)", lambda c: _compiled(c, device)),
+        Impl("torch.distributions",
+             lambda c: _closures(_distributions, c, device) if c.params["eps"] == "in-kernel" else None),
+    ]
+    return impls, f"robustmm[{ours[0]}]", ("eager reference", "compile(reference)", "torch.distributions")

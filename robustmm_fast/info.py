@@ -1,0 +1,56 @@
+"""`python -m robustmm_fast.info` / `robustmm info`: versions and each backend's availability."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__, _backend
+
+
+def report() -> str:
+    lines = [f"robustmm_fast {__version__}",
+             f"python {platform.python_version()} ({sys.executable})",
+             f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
+             f"OpenMP: {torch.backends.openmp.is_available()}, threads: {torch.get_num_threads()})"]
+    try:
+        import triton
+        lines.append(f"triton {triton.__version__}")
+    except Exception as exc:
+        lines.append(f"triton: not importable ({exc.__class__.__name__})")
+    if torch.cuda.is_available():
+        lines.append(f"CUDA devices: {', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))}")
+    else:
+        lines.append("CUDA devices: none")
+    if _backend._C is not None:
+        lines.append(f"C++ extension: CPU kernels {_backend.cpu_capability()}, OpenMP {_backend._C.openmp()}")
+    from torch.utils.cpp_extension import CUDA_HOME
+    lines.append(f"compiler: {_compiler_version()}; nvcc: {CUDA_HOME or 'not found'}")
+    lines.append("")
+    lines.append(f"{'backend':<10} {'available':<10} {'devices':<28} reason")
+    for name, info in _backend.backends().items():
+        lines.append(f"{name:<10} {str(info['available']):<10} {info['devices']:<28} {info['reason'] or ''}")
+    lines.append(f"\nrequested backend: {_backend.requested_backend()} (ROBUSTMM_BACKEND / use_backend)")
+    return "\n".join(lines)
+
+
+def _compiler_version() -> str:
+    import shutil
+    import subprocess
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        return "no C++ compiler found"
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=10).stdout
+        return out.splitlines()[0] if out else cxx
+    except Exception:
+        return cxx
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

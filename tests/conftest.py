@@ -1,0 +1,162 @@
+"""Shared fixtures and helpers of the test suite (DESIGN §7).
+
+- ``run_on(backend, op)``: run a block on a named backend and fail if that backend did not run
+  (a silent fall back to the reference is a test failure, not a pass).
+- ``backend`` fixture: parametrized over the CPU backends, ``reference``, ``cpp`` (the native ISA
+  copy of the C++ kernels) and ``cpp-default`` (the baseline x86-64 copy, forced with
+  ``ROBUSTMM_CPU_CAPABILITY=default``); it yields the backend name to pass to ``run_on``.
+  ``cpp`` tests skip when the extension is missing, unless ``ROBUSTMM_REQUIRE_EXT=1`` (CI), where a
+  missing extension fails them.
+- ``assert_close_dtype``: per-dtype tolerances; for float16/bfloat16 the error against an fp64
+  ground truth must be at most twice the reference's own low-precision error (flash-attention's rule).
+- ``gpu`` marker: skipped without a CUDA device.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import robustmm_fast
+from robustmm_fast import _backend
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+CPU_BACKENDS = ("reference", "cpp", "cpp-default")
+
+
+# ---------------------------------------------------------------- backend choice
+
+@contextlib.contextmanager
+def run_on(backend: str, op: str = "reparam_kl"):
+    """Run the block with ``robustmm_fast.use_backend(backend)``; afterwards assert that `op`
+    ran at least once inside the block and that its last call ran on `backend`."""
+    before = _backend.backend_calls[(op, backend)]
+    with robustmm_fast.use_backend(backend):
+        yield
+    ran = robustmm_fast.last_backend(op)
+    assert ran == backend, f"{op}: backend {backend!r} was requested but {ran!r} ran"
+    assert _backend.backend_calls[(op, backend)] > before, (
+        f"{op} never ran on backend {backend!r} inside the block")
+
+
+def cpp_reason() -> str | None:
+    """None if the C++ extension is importable, else why not."""
+    info = robustmm_fast.backends()["cpp"]
+    return None if info["available"] else info["reason"]
+
+
+def require_cpp() -> None:
+    """Skip (or, with ROBUSTMM_REQUIRE_EXT=1, fail) when the C++ extension is missing."""
+    why = cpp_reason()
+    if why is None:
+        return
+    msg = f"the C++ extension robustmm_fast._C is unavailable: {why}"
+    if os.environ.get("ROBUSTMM_REQUIRE_EXT", "0") == "1":
+        pytest.fail(msg + " (ROBUSTMM_REQUIRE_EXT=1 requires it)", pytrace=False)
+    pytest.skip(msg)
+
+
+def native_cpu_capability() -> str | None:
+    """The ISA copy the C++ kernels should pick on this machine without the override
+    ('avx2' or 'default'), or None when it cannot be told from here."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return "default"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return "avx2" if {"avx2", "fma"} <= flags else "default"
+    return None
+
+
+@pytest.fixture
+def cpu_isa(monkeypatch):
+    """Select the ISA copy of the C++ kernels: call with 'native' or 'default'."""
+
+    def select(which: str) -> str:
+        if which == "default":
+            monkeypatch.setenv("ROBUSTMM_CPU_CAPABILITY", "default")
+            expected = "default"
+        else:
+            monkeypatch.delenv("ROBUSTMM_CPU_CAPABILITY", raising=False)
+            expected = native_cpu_capability()
+        got = _backend.cpu_capability()
+        if expected is None:
+            assert got in ("avx2", "default")
+        else:
+            assert got == expected, f"cpu_capability() is {got!r}, expected {expected!r}"
+        return got
+
+    return select
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request, monkeypatch, cpu_isa):
+    """A CPU backend name for run_on(); 'cpp-default' runs 'cpp' on its baseline ISA copy."""
+    name = request.param
+    monkeypatch.delenv("ROBUSTMM_BACKEND", raising=False)
+    if name.startswith("cpp"):
+        require_cpp()
+        cpu_isa("default" if name == "cpp-default" else "native")
+        return "cpp"
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_env(monkeypatch):
+    """A test starts in auto mode with the native ISA unless it says otherwise."""
+    monkeypatch.delenv("ROBUSTMM_BACKEND", raising=False)
+    monkeypatch.delenv("ROBUSTMM_CPU_CAPABILITY", raising=False)
+
+
+# ---------------------------------------------------------------- tolerances
+
+def default_tols(dtype: torch.dtype) -> dict:
+    if dtype == torch.float64:
+        return dict(rtol=1e-10, atol=1e-12)
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5)
+    raise ValueError(f"no fixed tolerance for {dtype}; use the 2x rule")
+
+
+def assert_close_dtype(actual: torch.Tensor, truth: torch.Tensor, name: str = "",
+                       lowp_ref: torch.Tensor | None = None, factor: float = 2.0) -> None:
+    """Compare `actual` with the fp64 ground truth `truth`.
+
+    fp64 and fp32: fixed tolerances. fp16/bf16: max |actual - truth| <= factor * max
+    |lowp_ref - truth| (+ a tiny floor for an exact reference), where `lowp_ref` is the
+    reference implementation run in the same low precision (flash-attention's rule).
+    """
+    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    if actual.dtype in LOW_PRECISION:
+        assert lowp_ref is not None, f"{name}: low precision needs the reference's own result"
+        assert lowp_ref.dtype == actual.dtype
+        truth = truth.double()
+        assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+        err = (actual.double() - truth).abs().max().item() if actual.numel() else 0.0
+        ref_err = (lowp_ref.double() - truth).abs().max().item() if actual.numel() else 0.0
+        floor = 1e-6 * (1.0 + (truth.abs().max().item() if truth.numel() else 0.0))
+        assert err <= factor * ref_err + floor, (
+            f"{name} ({actual.dtype}): max error {err:.3e} > {factor} x reference's own error "
+            f"{ref_err:.3e} (+{floor:.1e})")
+    else:
+        torch.testing.assert_close(actual, truth.to(actual.dtype), **default_tols(actual.dtype),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------- markers
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

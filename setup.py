@@ -14,17 +14,10 @@ import os
 import sys
 import traceback
 
-from setuptools import setup
-from setuptools.command.build_ext import build_ext
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = [
-    "robustmm_fast",
-    "robustmm_fast.ops",
-    "robustmm_fast.reference",
-    "robustmm_fast.nn",
-    "robustmm_fast.kernels",
-]
+PACKAGES = find_packages(include=["robustmm_fast", "robustmm_fast.*"]) + ["robustmm_fast.kernels"]
 PACKAGE_DIR = {"robustmm_fast.kernels": "kernels"}
 STATUS_FILE = "_build_status.json"
 
@@ -119,7 +112,8 @@ ext_modules, cmdclass, _ = _extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"robustmm_fast": [STATUS_FILE]},
+    # a stale record from an in-place build must not ship; build_ext writes the real one
+    exclude_package_data={"robustmm_fast": [STATUS_FILE]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

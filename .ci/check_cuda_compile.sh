@@ -49,7 +49,7 @@ TORCH_INC_ROOT="$CACHE_ROOT/torch-$TORCH_VERSION-include"
 ABI=${ROBUSTMM_CXX11_ABI:-1}
 read -r -a ARCHS <<<"${ROBUSTMM_CUDA_ARCHS:-80 90}"
 
-case "$(cd "$CACHE_ROOT" 2>/dev/null && pwd -P)/" in
+case "$(realpath -m "$CACHE_ROOT")/" in
   "$(pwd -P)/"*) echo "check_cuda_compile: the cache ($CACHE_ROOT) must be outside the repository" >&2; exit 2 ;;
 esac
 
@@ -141,7 +141,9 @@ for arch in "${ARCHS[@]}"; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$ar
 NVCC_FLAGS=("${COMMON_NVCC[@]}" "${SETUP_NVCC[@]}" "-std=$STD" "${GENCODE[@]}" --threads "${#ARCHS[@]}")
 if [[ "${ROBUSTMM_PTXAS_VERBOSE:-0}" == 1 ]]; then NVCC_FLAGS+=(-Xptxas -v); fi
 CXX=${CXX:-c++}
-CUDA_INC=$(cd "$(dirname "$NVCC")/.." && pwd)/include
+# nvcc may be a wrapper script: ask it where its toolkit headers are.
+CUDA_INC=$("$NVCC" -dryrun -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ INCLUDES="-I\([^" ]*\).*/\1/p' | head -n 1 || true)
+[[ -n "$CUDA_INC" ]] || CUDA_INC=$(cd "$(dirname "$NVCC")/.." && pwd)/include
 CXX_FLAGS=("-std=$STD" -O3 -fPIC -isystem "$CUDA_INC")
 
 echo "check_cuda_compile: archs ${ARCHS[*]}; nvcc flags: ${NVCC_FLAGS[*]}"

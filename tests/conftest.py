@@ -23,6 +23,10 @@ import torch
 import robustmm_fast
 from robustmm_fast import _backend
 
+# The interpret tier sets TRITON_INTERPRET=1 when imported, which must not leak into the default
+# run: collect it only in its own process (`TRITON_INTERPRET=1 pytest -m interpret`).
+collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["*_interpret.py"]
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 CPU_BACKENDS = ("reference", "cpp", "cpp-default")
 

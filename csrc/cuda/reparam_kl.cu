@@ -195,9 +195,7 @@ __device__ __forceinline__ void zero_row(scalar_t* __restrict__ p, int64_t lo, i
   if (p == nullptr) return;
   if constexpr (ALIGNED) {
     constexpr int V = vec_size<scalar_t>();
-    Vec<scalar_t, V> zero;
-#pragma unroll
-    for (int j = 0; j < V; ++j) zero.v[j] = scalar_t(0);
+    const Vec<scalar_t, V> zero{};  // value-initialized: all bits 0, i.e. +0.0
     for (int64_t at = lo + static_cast<int64_t>(rank) * V; at < hi;
          at += static_cast<int64_t>(team) * V) {
       store_vec<scalar_t, V>(p + at, zero);

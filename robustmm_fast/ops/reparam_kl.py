@@ -48,6 +48,7 @@ class _ReferenceKernel:
     @staticmethod
     def reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed,
                             noise, need_grad_eps, need_grad_prior):
+        need_grad_eps = need_grad_eps and eps is not None  # only a given eps has a gradient
         if noise == PHILOX_NOISE:
             eps = philox_randn(seed, mu.shape, device=mu.device)
         return _ref.reparam_kl_rows_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu,
@@ -137,12 +138,16 @@ def _draw_seed(generator: Optional[torch.Generator]) -> Tensor:
     return torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64)
 
 
-def _prepare_prior(prior: Optional[Tensor], name: str, mu: Tensor) -> Optional[Tensor]:
+def _prepare_prior(prior: Optional[Tensor], mu: Tensor) -> Optional[Tensor]:
     if prior is None:
         return None
-    check_broadcastable(prior, name, mu, "mu")
     # broadcasting happens here, in autograd, so a (D,) prior gets its gradient summed back
     return prior.expand(mu.shape).contiguous() if prior.shape != mu.shape else prior.contiguous()
+
+
+def _needs_fp32_prior_grad(mu: Tensor, *priors: Optional[Tensor]) -> bool:
+    return mu.dtype in (torch.float16, torch.bfloat16) and any(
+        p is not None and p.requires_grad and p.shape != mu.shape for p in priors)
 
 
 def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Optional[Tensor] = None,
@@ -175,14 +180,26 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Optional[Tensor] = Non
         check_like(eps, "eps", mu, "mu")
     if mask is not None:
         check_row_mask(mask, "mask", mu, "mu")
+    for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if prior is not None:
+            check_broadcastable(prior, name, mu, "mu")
     check_choice(reduction, "reduction", _ref.REDUCTIONS)
     if not isinstance(sample, bool):
         raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
-    prior_mu = _prepare_prior(prior_mu, "prior_mu", mu)
-    prior_logvar = _prepare_prior(prior_logvar, "prior_logvar", mu)
+    if _needs_fp32_prior_grad(mu, prior_mu, prior_logvar):
+        # A broadcast prior's gradient is a sum over rows: summing half-precision per-row
+        # gradients would break "accumulate in fp32", so this rare case runs in float32.
+        z, kl = reparameterize_kl(
+            mu.float(), logvar.float(), eps=None if eps is None else eps.float(),
+            prior_mu=None if prior_mu is None else prior_mu.float(),
+            prior_logvar=None if prior_logvar is None else prior_logvar.float(),
+            mask=mask, sample=sample, reduction=reduction, generator=generator)
+        return z.to(mu.dtype), kl.to(mu.dtype)
+
+    prior_mu, prior_logvar = _prepare_prior(prior_mu, mu), _prepare_prior(prior_logvar, mu)
     if (prior_mu is None) != (prior_logvar is None):
         prior_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu
         prior_logvar = torch.zeros_like(mu) if prior_logvar is None else prior_logvar

@@ -50,7 +50,7 @@ RMM_HOST_DEVICE Normal4 randn4x(uint64_t seed, uint64_t counter) {
   uint32_t c2 = 0u, c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)  // nvcc, both passes (its host front end rejects the GCC pragma)
 #pragma unroll
 #else
 #pragma GCC unroll 10

@@ -56,7 +56,7 @@ def _extensions():
 
     include = [os.path.join(ROOT, "csrc", "include")]
     opt = ["-O3", "-fno-math-errno", "-fno-trapping-math"]  # no -march=native: see csrc/cpu
-    cxx = ["-std=c++17", *opt]
+    cxx = list(opt)  # no -std: torch's build helper picks the standard its headers need
     link = []
     if torch.backends.openmp.is_available():
         cxx.append("-fopenmp")  # at::parallel_for is OpenMP inline code in torch's headers
@@ -67,12 +67,12 @@ def _extensions():
     status = {"_C": None, "_C_cuda": None}
     want, why = _want_cuda(torch, CUDA_HOME)
     if want:
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         ext.append(CUDAExtension("robustmm_fast._C_cuda", _sources("cuda", ".cu") + _sources("cuda", ".cpp"),
                                  include_dirs=include,
-                                 extra_compile_args={"cxx": ["-std=c++17", "-O3"], "nvcc": nvcc}))
+                                 extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc}))
     else:
         status["_C_cuda"] = f"not built: {why}"
 

@@ -17,11 +17,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "robustmm/checks.h"
 #include "robustmm/cpu_capability.h"
 #include "robustmm/philox.h"
 #include "robustmm/reparam_kl.h"
+#include "vec_avx2.h"
 
 namespace robustmm {
 namespace cpu {
@@ -81,7 +83,14 @@ RMM_ALWAYS_INLINE void philox_counters(uint64_t seed, int64_t counter_begin, int
 }
 __attribute__((noinline)) RMM_TARGET_AVX2 void philox_counters_avx2(uint64_t seed, int64_t begin,
                                                                     int64_t count, float* buf) {
-  philox_counters(seed, begin, count, buf);
+  int64_t c = 0;
+#if RMM_HAS_AVX2_CLONES
+  constexpr int64_t kStep = avx2::kGroups * 8;
+  for (; c + kStep <= count; c += kStep) {
+    avx2::randn_counters(seed, static_cast<uint64_t>(begin + c), buf + 4 * c);
+  }
+#endif
+  philox_counters(seed, begin + c, count - c, buf + 4 * c);
 }
 __attribute__((noinline)) void philox_counters_default(uint64_t seed, int64_t begin, int64_t count,
                                                        float* buf) {
@@ -115,6 +124,83 @@ RMM_ALWAYS_INLINE acc_t sum_block(const acc_t* x, int64_t n) {
   return total;
 }
 
+#if RMM_HAS_AVX2_CLONES
+RMM_AVX2_INLINE float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// Out of line (not always_inline): the generic row loop that calls it is compiled for the
+// baseline ISA before being inlined into its AVX2 copy.
+// Elements [0, n) of a float row chunk starting at flat index `at`, n a multiple of 8: writes z,
+// returns the chunk's KL. The math of reparam_kl_forward_elem, 8 lanes at a time.
+template <int NOISE, bool PRIOR>
+RMM_TARGET_AVX2 float forward_chunk_avx2(const ForwardArgs<float>& a, int64_t at, int64_t n,
+                                         const float* drawn) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 m = _mm256_loadu_ps(a.mu + at + j);
+    const __m256 lv = _mm256_loadu_ps(a.logvar + at + j);
+    const __m256 sigma = avx2::exp(_mm256_mul_ps(half, lv));
+    __m256 z = m;
+    if constexpr (NOISE == kGivenNoise) z = _mm256_fmadd_ps(sigma, _mm256_loadu_ps(a.eps + at + j), m);
+    if constexpr (NOISE == kPhiloxNoise) z = _mm256_fmadd_ps(sigma, _mm256_loadu_ps(drawn + j), m);
+    _mm256_storeu_ps(a.z + at + j, z);
+    __m256 term;
+    if constexpr (PRIOR) {
+      const __m256 plv = _mm256_loadu_ps(a.prior_logvar + at + j);
+      const __m256 diff = _mm256_sub_ps(m, _mm256_loadu_ps(a.prior_mu + at + j));
+      term = _mm256_add_ps(_mm256_sub_ps(plv, lv), avx2::exp(_mm256_sub_ps(lv, plv)));
+      term = _mm256_fmadd_ps(_mm256_mul_ps(diff, diff), avx2::exp(_mm256_sub_ps(_mm256_setzero_ps(), plv)), term);
+      term = _mm256_sub_ps(term, one);
+    } else {
+      term = _mm256_fmadd_ps(sigma, sigma, _mm256_fmsub_ps(m, m, _mm256_add_ps(one, lv)));
+    }
+    acc = _mm256_fmadd_ps(half, term, acc);
+  }
+  return hsum(acc);
+}
+
+// Elements [0, n) of a float row chunk, n a multiple of 8: dmu and dlogvar, as
+// reparam_kl_backward_elem.
+template <int NOISE, bool PRIOR>
+RMM_TARGET_AVX2 void backward_chunk_avx2(const BackwardArgs<float>& a, float gk_scalar, int64_t at,
+                                         int64_t n, const float* drawn) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 gk = _mm256_set1_ps(gk_scalar);
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 gz = _mm256_loadu_ps(a.grad_z + at + j);
+    const __m256 m = _mm256_loadu_ps(a.mu + at + j);
+    const __m256 lv = _mm256_loadu_ps(a.logvar + at + j);
+    const __m256 sigma = avx2::exp(_mm256_mul_ps(half, lv));
+    __m256 z_term = _mm256_setzero_ps();
+    if constexpr (NOISE == kGivenNoise) {
+      z_term = _mm256_mul_ps(_mm256_mul_ps(gz, _mm256_loadu_ps(a.eps + at + j)), sigma);
+    }
+    if constexpr (NOISE == kPhiloxNoise) {
+      z_term = _mm256_mul_ps(_mm256_mul_ps(gz, _mm256_loadu_ps(drawn + j)), sigma);
+    }
+    __m256 dmu, ratio;
+    if constexpr (PRIOR) {
+      const __m256 plv = _mm256_loadu_ps(a.prior_logvar + at + j);
+      const __m256 diff = _mm256_sub_ps(m, _mm256_loadu_ps(a.prior_mu + at + j));
+      const __m256 inv_prior_var = avx2::exp(_mm256_sub_ps(_mm256_setzero_ps(), plv));
+      ratio = avx2::exp(_mm256_sub_ps(lv, plv));
+      dmu = _mm256_fmadd_ps(_mm256_mul_ps(gk, diff), inv_prior_var, gz);
+    } else {
+      ratio = _mm256_mul_ps(sigma, sigma);
+      dmu = _mm256_fmadd_ps(gk, m, gz);
+    }
+    const __m256 dlv = _mm256_mul_ps(half, _mm256_fmadd_ps(gk, _mm256_sub_ps(ratio, one), z_term));
+    _mm256_storeu_ps(a.grad_mu + at + j, dmu);
+    _mm256_storeu_ps(a.grad_logvar + at + j, dlv);
+  }
+}
+#endif
+
 template <bool AVX2, typename scalar_t, int NOISE, bool PRIOR>
 RMM_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t row_begin,
                                     int64_t row_end) {
@@ -135,7 +221,14 @@ RMM_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t row_
       const int64_t n = std::min(kBlock, dim - start);
       const int64_t at = base + start;
       const float* drawn = NOISE == kPhiloxNoise ? philox_block<AVX2>(a.seed, at, n, noise) : nullptr;
-      for (int64_t j = 0; j < n; ++j) {
+      int64_t vectorized = 0;
+#if RMM_HAS_AVX2_CLONES
+      if constexpr (AVX2 && std::is_same_v<scalar_t, float>) {
+        vectorized = n & ~int64_t(7);
+        kl_row += forward_chunk_avx2<NOISE, PRIOR>(a, at, vectorized, drawn);
+      }
+#endif
+      for (int64_t j = vectorized; j < n; ++j) {
         const acc_t m = static_cast<acc_t>(a.mu[at + j]);
         const acc_t lv = static_cast<acc_t>(a.logvar[at + j]);
         acc_t e = acc_t(0);
@@ -150,9 +243,9 @@ RMM_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t row_
           out = reparam_kl_forward_elem<acc_t>(kSample, m, lv, e);
         }
         a.z[at + j] = static_cast<scalar_t>(out.z);
-        kl_terms[j] = out.kl;
+        kl_terms[j - vectorized] = out.kl;
       }
-      kl_row += sum_block(kl_terms, n);
+      kl_row += sum_block(kl_terms, n - vectorized);
     }
     a.kl[row] = kl_row;
   }
@@ -180,7 +273,14 @@ RMM_ALWAYS_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t ro
       const int64_t n = std::min(kBlock, dim - start);
       const int64_t at = base + start;
       const float* drawn = NOISE == kPhiloxNoise ? philox_block<AVX2>(a.seed, at, n, noise) : nullptr;
-      for (int64_t j = 0; j < n; ++j) {
+      int64_t vectorized = 0;
+#if RMM_HAS_AVX2_CLONES
+      if constexpr (AVX2 && std::is_same_v<scalar_t, float>) {
+        vectorized = n & ~int64_t(7);
+        backward_chunk_avx2<NOISE, PRIOR>(a, gk, at, vectorized, drawn);
+      }
+#endif
+      for (int64_t j = vectorized; j < n; ++j) {
         const acc_t gz = static_cast<acc_t>(a.grad_z[at + j]);
         const acc_t m = static_cast<acc_t>(a.mu[at + j]);
         const acc_t lv = static_cast<acc_t>(a.logvar[at + j]);

@@ -91,8 +91,14 @@ def run_cases(cases: list[Case], impls: list[Impl], device: torch.device, *, war
             if made is None:
                 continue
             fwd, fwd_bwd = made
-            fwd_ms = time_fn(fwd, device, warmup, repeat) if fwd is not None else None
-            fb_ms = time_fn(fwd_bwd, device, warmup, repeat) if fwd_bwd is not None else None
+            # warm both phases first: the allocator's first large blocks and any compilation
+            # would otherwise be charged to whichever phase runs first
+            for fn in (fwd, fwd_bwd) * warmup:
+                if fn is not None:
+                    fn()
+            _sync(device)
+            fwd_ms = time_fn(fwd, device, 1, repeat) if fwd is not None else None
+            fb_ms = time_fn(fwd_bwd, device, 1, repeat) if fwd_bwd is not None else None
             peak = peak_memory_mb(fwd_bwd, device) if memory and fwd_bwd is not None else None
             results.append(Result(case.name, impl.name, fwd_ms, fb_ms, peak))
             if log is not None:

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = find_packages(include=["robustmm_fast", "robustmm_fast.*"]) + ["robustmm_fast.kernels"]
 PACKAGE_DIR = {"robustmm_fast.kernels": "kernels"}
 STATUS_FILE = "_build_status.json"
+NOT_RUN = "not built: the build did not reach it"
 
 
 def _sources(folder, suffix):
@@ -64,7 +65,7 @@ def _extensions():
     ext = [CppExtension("robustmm_fast._C", ["csrc/ops.cpp", *_sources("cpu", ".cpp")],
                         include_dirs=include, extra_compile_args={"cxx": cxx},
                         extra_link_args=link)]
-    status = {"_C": None, "_C_cuda": None}
+    status = {"_C": NOT_RUN, "_C_cuda": NOT_RUN}
     want, why = _want_cuda(torch, CUDA_HOME)
     if want:
         nvcc = ["-O3", "--use_fast_math", "-lineinfo",
@@ -86,8 +87,24 @@ def _extensions():
                 status[name] = None
             except Exception as exc:
                 tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                status[name] = f"build failed: {tail[-2000:]}"
+                status[name] = (f"build failed: {tail[-2000:]} (reinstall with `pip install -v "
+                                "--no-build-isolation .` to see the compiler's output)")
                 _warn(f"building {extension.name} failed; installing without it.\n{tail}")
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # e.g. torch's nvcc/CUDA version check, before any compile
+                tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                for ext in self.extensions:
+                    name = ext.name.rsplit(".", 1)[-1]
+                    if status[name] == NOT_RUN:
+                        status[name] = f"build failed: {tail[-2000:]}"
+                _warn(f"building the extensions failed ({tail}); retrying the CPU extension alone")
+                self.extensions = [e for e in self.extensions if not e.name.endswith("_C_cuda")]
+                if self.extensions and status["_C"] is not None:  # _C not built yet
+                    status["_C"] = NOT_RUN
+                    super().build_extensions()
 
         def run(self):
             super().run()

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.reparam_kl import acc_dtype
+
 __all__ = ["reparam_kl_forward", "reparam_kl_backward"]
 
 NO_NOISE, GIVEN_NOISE, PHILOX_NOISE = 0, 1, 2
@@ -215,10 +217,6 @@ def _reparam_kl_bwd_kernel(
 
 # ---- host side ----
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check(mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise):
     """Validated, contiguous inputs (the same checks as the C++ op)."""
     if not isinstance(mu, torch.Tensor) or mu.dtype not in _DTYPES:
@@ -282,7 +280,7 @@ def reparam_kl_forward(mu, logvar, eps, prior_mu, prior_logvar, mask, seed: int,
     lead = mu.shape[:-1]
     n_rows = mu.numel() // D if D > 0 else lead.numel()
     z = torch.empty_like(mu)
-    kl = torch.empty(lead, dtype=_acc_dtype(mu.dtype), device=mu.device)
+    kl = torch.empty(lead, dtype=acc_dtype(mu.dtype), device=mu.device)
     if n_rows == 0:
         return z, kl
     if D == 0:
@@ -307,7 +305,7 @@ def reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar
     The schema of robustmm_C::reparam_kl_backward (None where the C++ op returns an empty tensor)."""
     mu, logvar, eps, prior_mu, prior_logvar, mask = _check(
         mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise)
-    acc = _acc_dtype(mu.dtype)
+    acc = acc_dtype(mu.dtype)
     if grad_z.shape != mu.shape:
         raise ValueError(f"robustmm: grad_z must have the shape of mu {tuple(mu.shape)}, got {tuple(grad_z.shape)}")
     if grad_kl.shape != mu.shape[:-1]:

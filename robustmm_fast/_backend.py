@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -38,6 +39,7 @@ _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("robustm
 # prove that the backend they name really ran.
 _last: dict[str, str] = {}
 backend_calls: Counter = Counter()
+_logged_fallbacks: set = set()  # auto's fallbacks are logged once each
 
 
 def _build_record() -> dict:
@@ -63,6 +65,10 @@ def _import_extension(name: str):
 
 
 _C, _C_reason = _import_extension("_C")
+if _C is None:
+    warnings.warn(f"robustmm_fast: the C++ extension is unavailable ({_C_reason}); CPU tensors use "
+                  "the slower pure-PyTorch reference backend. `robustmm info` shows every backend.",
+                  RuntimeWarning, stacklevel=2)
 if _C is None:
     _C_cuda, _C_cuda_reason = None, f"needs robustmm_fast._C, which is unavailable ({_C_reason})"
 elif torch.version.cuda is None and torch.version.hip is None:
@@ -146,7 +152,9 @@ def resolve(op: str, device: torch.device, implemented: tuple[str, ...] = BACKEN
             if why is None:
                 name = candidate
                 break
-            log.debug("robustmm_fast: %s falls back from %s: %s", op, candidate, why)
+            if (op, candidate, device.type) not in _logged_fallbacks:
+                _logged_fallbacks.add((op, candidate, device.type))
+                log.debug("robustmm_fast: %s falls back from %s: %s", op, candidate, why)
     _last[op] = name
     backend_calls[(op, name)] += 1
     return name

@@ -12,6 +12,7 @@ def _bench(args) -> int:
     import torch
 
     from .bench import format_table, run_cases
+    from .bench.runner import peak_bandwidth, timing_method
     module = importlib.import_module(f"robustmm_fast.bench.{args.op}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -23,13 +24,52 @@ def _bench(args) -> int:
         kwargs["shapes"] = [tuple(int(x) for x in s.split("x")) for s in args.shape]
     cases = module.cases(**kwargs)
     impls, ours, baselines = module.implementations(device)
-    print(f"robustmm bench {args.op} on {device} ({_device_name(device)}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeat} runs", flush=True)
+    peak = peak_bandwidth(device)
+    header = _header(args, device, peak, timing_method(device, args.repeat))
+    print(header, flush=True)
     results = run_cases(cases, impls, device, repeat=args.repeat, memory=not args.no_memory,
                         log=lambda s: print(s, flush=True))
+    tables = format_table(results, ours, baselines, peak)
     print()
-    print(format_table(results, ours, baselines))
+    print(tables)
+    if args.output:
+        from pathlib import Path
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"{header}\n\n{tables}\n")
+        print(f"\nwritten to {out}")
     return 0
+
+
+def _versions() -> str:
+    import importlib.metadata
+
+    import torch
+    from . import __version__
+    parts = [f"robustmm_fast {__version__}", f"torch {torch.__version__}"]
+    if torch.version.cuda:
+        parts.append(f"CUDA {torch.version.cuda}")
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            parts.append(f"triton {importlib.metadata.version(dist)}")
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    else:
+        parts.append("triton not installed")
+    return ", ".join(parts)
+
+
+def _header(args, device, peak, timing) -> str:
+    """The report's first line: what ran where, with which versions, when, and how it was timed."""
+    from datetime import datetime, timezone
+
+    import torch
+    where = f"{device} ({_device_name(device)}"
+    where += f", peak DRAM bandwidth {peak / 1e9:.0f} GB/s)" if peak else ")"
+    return (f"robustmm bench {args.op} --dtype {args.dtype} on {where}; {_versions()}; "
+            f"{torch.get_num_threads()} CPU threads; "
+            f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; {timing}")
 
 
 def _device_name(device) -> str:
@@ -52,6 +92,9 @@ def main(argv=None) -> int:
     bench.add_argument("--shape", action="append", help="override shapes, e.g. --shape 64x50x128 (repeatable)")
     bench.add_argument("--repeat", type=int, default=7, help="timed runs per measurement (median)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    bench.add_argument("--output", metavar="FILE",
+                       help="also write the report (a header with device, versions and date, then "
+                            "the tables) to FILE, e.g. benches/results/reparam_kl-h100-bf16.md")
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import main as info_main

@@ -1,6 +1,7 @@
 """Benchmark cases of reparameterize_kl: this package's backends against the eager reference,
 torch.compile(reference) and torch.distributions (Normal.rsample + kl_divergence), forward and
-forward+backward, with eps drawn inside (how models use it) and with eps given."""
+forward+backward, with eps drawn inside (how models use it) and with eps given; effective
+bandwidth at the bytes a fused kernel must move (bytes_moved)."""
 from __future__ import annotations
 
 import torch
@@ -15,10 +16,31 @@ EPS_MODES = ("in-kernel", "given")
 REDUCTION = "mean"
 
 
+def bytes_moved(shape, dtype: torch.dtype, eps_given: bool) -> tuple[int, int]:
+    """(forward, forward + backward) bytes a fused implementation reads and writes, no mask or
+    prior (as in these cases). Forward reads mu, logvar (+ eps) and writes z and the per-row KL
+    (float32; float64 for float64); backward reads grad_z, mu, logvar (+ eps) and grad_kl's rows
+    and writes dmu, dlogvar. In-kernel eps is regenerated, never read."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    rows = n // int(shape[-1]) if shape and int(shape[-1]) else 0
+    elem = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    given = 1 if eps_given else 0
+    fwd = (2 + given) * n * elem + n * elem + rows * acc
+    bwd = (3 + given) * n * elem + rows * acc + 2 * n * elem
+    return fwd, fwd + bwd
+
+
 def cases(shapes=SHAPES, eps_modes=EPS_MODES, dtype=torch.float32) -> list[Case]:
-    return [Case(f"{'x'.join(map(str, s))} {str(dtype).split('.')[-1]} eps={m}",
-                 {"shape": s, "eps": m, "dtype": dtype})
-            for s in shapes for m in eps_modes]
+    out = []
+    for s in shapes:
+        for m in eps_modes:
+            fwd, fwd_bwd = bytes_moved(s, dtype, m == "given")
+            out.append(Case(f"{'x'.join(map(str, s))} {str(dtype).split('.')[-1]} eps={m}",
+                            {"shape": s, "eps": m, "dtype": dtype}, bytes_fwd=fwd, bytes_fwd_bwd=fwd_bwd))
+    return out
 
 
 def _inputs(case: Case, device):

@@ -30,10 +30,6 @@ OP = "reparam_kl"
 NO_NOISE, GIVEN_NOISE, PHILOX_NOISE = 0, 1, 2
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---- backends: each offers forward(...) and backward(...) with the C++ op's signature ----
 
 class _ReferenceKernel:
@@ -94,7 +90,7 @@ def _backward_with(backward_fn, ctx, grad_z, grad_kl):
     if grad_z is None:
         grad_z = torch.zeros_like(mu)
     if grad_kl is None:
-        grad_kl = mu.new_zeros(mu.shape[:-1], dtype=_acc_dtype(mu.dtype))
+        grad_kl = mu.new_zeros(mu.shape[:-1], dtype=_ref.acc_dtype(mu.dtype))
     dmu, dlogvar, deps, dpm, dplv = backward_fn(
         grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, ctx.noise,
         need_eps, need_prior)
@@ -114,7 +110,7 @@ def reparam_kl_forward(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], prior_
 
 @reparam_kl_forward.register_fake
 def _(mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise):
-    return torch.empty_like(mu), mu.new_empty(mu.shape[:-1], dtype=_acc_dtype(mu.dtype))
+    return torch.empty_like(mu), mu.new_empty(mu.shape[:-1], dtype=_ref.acc_dtype(mu.dtype))
 
 
 @torch.library.custom_op("robustmm::reparam_kl_backward", mutates_args=())

@@ -16,7 +16,8 @@ from torch import Tensor
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 math for float16/bfloat16/float32 inputs, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -24,7 +25,7 @@ def reparam_kl_rows(mu: Tensor, logvar: Tensor, eps: Tensor | None, prior_mu: Te
                     prior_logvar: Tensor | None, mask: Tensor | None,
                     sample: bool) -> tuple[Tensor, Tensor]:
     """(z in mu's dtype, per-row kl in float32/float64). Priors must broadcast to mu."""
-    acc = _acc_dtype(mu.dtype)
+    acc = acc_dtype(mu.dtype)
     keep = None if mask is None else mask.unsqueeze(-1)
     # excluded rows are replaced before any arithmetic, so NaN/Inf there reach neither the
     # result nor the gradients
@@ -110,7 +111,7 @@ def reparam_kl_rows_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar
 
     Returns [dmu, dlogvar, deps, dprior_mu, dprior_logvar], None where not asked for.
     """
-    acc = _acc_dtype(mu.dtype)
+    acc = acc_dtype(mu.dtype)
     keep = None if mask is None else mask.unsqueeze(-1)
     zero = torch.zeros((), dtype=acc, device=mu.device)
 

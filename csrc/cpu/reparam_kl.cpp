@@ -23,6 +23,7 @@
 #include "robustmm/cpu_capability.h"
 #include "robustmm/philox.h"
 #include "robustmm/reparam_kl.h"
+#include "robustmm/reparam_kl_inputs.h"
 #include "vec_avx2.h"
 
 namespace robustmm {
@@ -280,41 +281,31 @@ RMM_ALWAYS_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t ro
         backward_chunk_avx2<NOISE, PRIOR>(a, gk, at, vectorized, drawn);
       }
 #endif
-      for (int64_t j = vectorized; j < n; ++j) {
+      // the gradients of element j of this block
+      auto grads_at = [&](int64_t j) {
         const acc_t gz = static_cast<acc_t>(a.grad_z[at + j]);
         const acc_t m = static_cast<acc_t>(a.mu[at + j]);
         const acc_t lv = static_cast<acc_t>(a.logvar[at + j]);
         acc_t e = acc_t(0);
         if constexpr (NOISE == kGivenNoise) e = static_cast<acc_t>(a.eps[at + j]);
         if constexpr (NOISE == kPhiloxNoise) e = static_cast<acc_t>(drawn[j]);
-        ReparamKLBackward<acc_t> g;
         if constexpr (PRIOR) {
-          g = reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e,
-                                              static_cast<acc_t>(a.prior_mu[at + j]),
-                                              static_cast<acc_t>(a.prior_logvar[at + j]));
+          return reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e,
+                                                 static_cast<acc_t>(a.prior_mu[at + j]),
+                                                 static_cast<acc_t>(a.prior_logvar[at + j]));
         } else {
-          g = reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e);
+          return reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e);
         }
+      };
+      for (int64_t j = vectorized; j < n; ++j) {
+        const ReparamKLBackward<acc_t> g = grads_at(j);
         a.grad_mu[at + j] = static_cast<scalar_t>(g.dmu);
         a.grad_logvar[at + j] = static_cast<scalar_t>(g.dlv);
       }
       // The optional gradients are rare: a second pass keeps the hot loop free of branches.
       if (a.grad_eps != nullptr || a.grad_prior_mu != nullptr || a.grad_prior_logvar != nullptr) {
         for (int64_t j = 0; j < n; ++j) {
-          const acc_t gz = static_cast<acc_t>(a.grad_z[at + j]);
-          const acc_t m = static_cast<acc_t>(a.mu[at + j]);
-          const acc_t lv = static_cast<acc_t>(a.logvar[at + j]);
-          acc_t e = acc_t(0);
-          if constexpr (NOISE == kGivenNoise) e = static_cast<acc_t>(a.eps[at + j]);
-          if constexpr (NOISE == kPhiloxNoise) e = static_cast<acc_t>(drawn[j]);
-          ReparamKLBackward<acc_t> g;
-          if constexpr (PRIOR) {
-            g = reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e,
-                                                static_cast<acc_t>(a.prior_mu[at + j]),
-                                                static_cast<acc_t>(a.prior_logvar[at + j]));
-          } else {
-            g = reparam_kl_backward_elem<acc_t>(kSample, gz, gk, m, lv, e);
-          }
+          const ReparamKLBackward<acc_t> g = grads_at(j);
           if (a.grad_eps != nullptr) a.grad_eps[at + j] = static_cast<scalar_t>(g.deps);
           if (a.grad_prior_mu != nullptr) a.grad_prior_mu[at + j] = static_cast<scalar_t>(g.dpm);
           if (a.grad_prior_logvar != nullptr) {
@@ -363,59 +354,13 @@ void dispatch_modes(int64_t noise, bool prior, Fn&& fn) {
   }
 }
 
-struct Inputs {
-  at::Tensor mu, logvar, eps, prior_mu, prior_logvar, mask;
-};
-
-Inputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar,
-                    const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& prior_mu,
-                    const std::optional<at::Tensor>& prior_logvar,
-                    const std::optional<at::Tensor>& mask, int64_t noise) {
-  check_floating(mu, "mu");
-  TORCH_CHECK_VALUE(mu.dim() >= 1, "robustmm: mu must have at least 1 dim (..., D), got a scalar");
-  check_like(logvar, "logvar", mu, "mu");
-  TORCH_CHECK_VALUE(noise == kNoNoise || noise == kGivenNoise || noise == kPhiloxNoise,
-                    "robustmm: noise must be 0 (none), 1 (given eps) or 2 (in-kernel), got ",
-                    noise);
-  TORCH_CHECK_VALUE(eps.has_value() == (noise == kGivenNoise),
-                    "robustmm: eps must be given exactly when noise == 1");
-  TORCH_CHECK_VALUE(prior_mu.has_value() == prior_logvar.has_value(),
-                    "robustmm: prior_mu and prior_logvar must be given together at this level");
-  Inputs in;
-  in.mu = mu.contiguous();
-  in.logvar = logvar.contiguous();
-  if (eps) {
-    check_like(*eps, "eps", mu, "mu");
-    in.eps = eps->contiguous();
-  }
-  if (prior_mu) {
-    check_like(*prior_mu, "prior_mu", mu, "mu");
-    check_like(*prior_logvar, "prior_logvar", mu, "mu");
-    in.prior_mu = prior_mu->contiguous();
-    in.prior_logvar = prior_logvar->contiguous();
-  }
-  if (mask) {
-    check_row_mask(*mask, "mask", mu, "mu");
-    in.mask = mask->contiguous();
-  }
-  TORCH_CHECK(mu.device().is_cpu(), "robustmm: the CPU kernel got tensors on ", mu.device());
-  return in;
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-template <typename T>
-T* mutable_ptr_or_null(at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
 
 std::tuple<at::Tensor, at::Tensor> reparam_kl_forward(
     const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
     const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
     const std::optional<at::Tensor>& mask, int64_t seed, int64_t noise) {
-  const Inputs in = check_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise);
+  const ReparamKLInputs in =
+      check_reparam_kl_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise, at::kCPU);
   const int64_t dim = mu.size(-1);
   const auto lead = mu.sizes().slice(0, mu.dim() - 1);
   const int64_t rows = c10::multiply_integers(lead);
@@ -451,16 +396,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_k
     const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
     const std::optional<at::Tensor>& mask, int64_t seed, int64_t noise, bool need_grad_eps,
     bool need_grad_prior) {
-  const Inputs in = check_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise);
-  check_like(grad_z, "grad_z", mu, "mu");
+  const ReparamKLInputs in =
+      check_reparam_kl_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise, at::kCPU);
+  // not a structured binding: lambdas cannot capture those before C++20
+  const std::pair<at::Tensor, at::Tensor> grads = check_reparam_kl_grads(grad_z, grad_kl, mu);
+  const at::Tensor& gz = grads.first;
+  const at::Tensor& gk = grads.second;
   const auto lead = mu.sizes().slice(0, mu.dim() - 1);
-  TORCH_CHECK_VALUE(grad_kl.sizes() == lead, "robustmm: grad_kl must have shape ", lead,
-                    ", got ", grad_kl.sizes());
-  TORCH_CHECK_TYPE(grad_kl.scalar_type() == accumulate_type(mu.scalar_type()),
-                   "robustmm: grad_kl must be ", accumulate_type(mu.scalar_type()), ", got ",
-                   grad_kl.scalar_type());
-  const at::Tensor gz = grad_z.contiguous();
-  const at::Tensor gk = grad_kl.contiguous();
   const int64_t dim = mu.size(-1);
   const int64_t rows = c10::multiply_integers(lead);
   at::Tensor grad_mu = at::empty_like(in.mu);

@@ -36,6 +36,7 @@
 #include "robustmm/checks.h"
 #include "robustmm/philox.h"
 #include "robustmm/reparam_kl.h"
+#include "robustmm/reparam_kl_inputs.h"
 
 namespace robustmm {
 namespace cuda {
@@ -451,60 +452,13 @@ void dispatch_modes(int64_t noise, bool prior, bool aligned, Fn&& fn) {
   }
 }
 
-struct Inputs {
-  at::Tensor mu, logvar, eps, prior_mu, prior_logvar, mask;
-};
-
-// The checks of the CPU kernel (csrc/cpu/reparam_kl.cpp), for CUDA tensors.
-Inputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar,
-                    const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& prior_mu,
-                    const std::optional<at::Tensor>& prior_logvar,
-                    const std::optional<at::Tensor>& mask, int64_t noise) {
-  check_floating(mu, "mu");
-  TORCH_CHECK_VALUE(mu.dim() >= 1, "robustmm: mu must have at least 1 dim (..., D), got a scalar");
-  check_like(logvar, "logvar", mu, "mu");
-  TORCH_CHECK_VALUE(noise == kNoNoise || noise == kGivenNoise || noise == kPhiloxNoise,
-                    "robustmm: noise must be 0 (none), 1 (given eps) or 2 (in-kernel), got ",
-                    noise);
-  TORCH_CHECK_VALUE(eps.has_value() == (noise == kGivenNoise),
-                    "robustmm: eps must be given exactly when noise == 1");
-  TORCH_CHECK_VALUE(prior_mu.has_value() == prior_logvar.has_value(),
-                    "robustmm: prior_mu and prior_logvar must be given together at this level");
-  Inputs in;
-  in.mu = mu.contiguous();
-  in.logvar = logvar.contiguous();
-  if (eps) {
-    check_like(*eps, "eps", mu, "mu");
-    in.eps = eps->contiguous();
-  }
-  if (prior_mu) {
-    check_like(*prior_mu, "prior_mu", mu, "mu");
-    check_like(*prior_logvar, "prior_logvar", mu, "mu");
-    in.prior_mu = prior_mu->contiguous();
-    in.prior_logvar = prior_logvar->contiguous();
-  }
-  if (mask) {
-    check_row_mask(*mask, "mask", mu, "mu");
-    in.mask = mask->contiguous();
-  }
-  TORCH_CHECK(mu.device().is_cuda(), "robustmm: the CUDA kernel got tensors on ", mu.device());
-  return in;
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-template <typename T>
-T* mutable_ptr_or_null(at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
 
 std::tuple<at::Tensor, at::Tensor> reparam_kl_forward(
     const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
     const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
     const std::optional<at::Tensor>& mask, int64_t seed, int64_t noise) {
-  const Inputs in = check_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise);
+  const ReparamKLInputs in =
+      check_reparam_kl_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise, at::kCUDA);
   const c10::cuda::CUDAGuard device_guard(mu.device());
   const int64_t dim = mu.size(-1);
   const auto lead = mu.sizes().slice(0, mu.dim() - 1);
@@ -549,19 +503,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_k
     const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
     const std::optional<at::Tensor>& mask, int64_t seed, int64_t noise, bool need_grad_eps,
     bool need_grad_prior) {
-  const Inputs in = check_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise);
-  check_like(grad_z, "grad_z", mu, "mu");
+  const ReparamKLInputs in =
+      check_reparam_kl_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise, at::kCUDA);
+  // not a structured binding: lambdas cannot capture those before C++20
+  const std::pair<at::Tensor, at::Tensor> grads = check_reparam_kl_grads(grad_z, grad_kl, mu);
+  const at::Tensor& gz = grads.first;
+  const at::Tensor& gk = grads.second;
   const auto lead = mu.sizes().slice(0, mu.dim() - 1);
-  TORCH_CHECK_VALUE(grad_kl.sizes() == lead, "robustmm: grad_kl must have shape ", lead,
-                    ", got ", grad_kl.sizes());
-  TORCH_CHECK_TYPE(grad_kl.scalar_type() == accumulate_type(mu.scalar_type()),
-                   "robustmm: grad_kl must be ", accumulate_type(mu.scalar_type()), ", got ",
-                   grad_kl.scalar_type());
-  TORCH_CHECK(grad_kl.device() == mu.device(), "robustmm: grad_kl and mu must be on the same "
-              "device, got ", grad_kl.device(), " and ", mu.device());
-  const c10::cuda::CUDAGuard device_guard(mu.device());
-  const at::Tensor gz = grad_z.contiguous();
-  const at::Tensor gk = grad_kl.contiguous();
   const int64_t dim = mu.size(-1);
   const int64_t rows = c10::multiply_integers(lead);
   at::Tensor grad_mu = at::empty_like(in.mu);

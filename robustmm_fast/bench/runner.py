@@ -13,8 +13,11 @@ running total of the allocations and frees that torch.profiler(profile_memory=Tr
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -137,6 +140,20 @@ def time_fn(fn: Callable, device: torch.device, warmup: int = 2, repeat: int = 7
     return statistics.median(times) * 1e3
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (kineto prints a 'profiler_start/stop' line per profile)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_mb(fn: Callable, device: torch.device) -> float | None:
     """Peak bytes held live by one fn() call beyond the bytes live before it, in MiB."""
     fn()  # warm (compilation, caches) outside the measurement
@@ -148,7 +165,7 @@ def peak_memory_mb(fn: Callable, device: torch.device) -> float | None:
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:  # every allocation and free, with its size (the op-level view nets them out)
         raw = prof.profiler.kineto_results.events()

@@ -25,8 +25,7 @@ def report() -> str:
         lines.append("CUDA devices: none")
     if _backend._C is not None:
         lines.append(f"C++ extension: CPU kernels {_backend.cpu_capability()}, OpenMP {_backend._C.openmp()}")
-    from torch.utils.cpp_extension import CUDA_HOME
-    lines.append(f"compiler: {_compiler_version()}; nvcc: {CUDA_HOME or 'not found'}")
+    lines.append(f"compiler: {_first_line('c++', 'g++')}; nvcc: {_first_line('nvcc', version_line=-1)}")
     lines.append("")
     lines.append(f"{'backend':<10} {'available':<10} {'devices':<28} reason")
     for name, info in _backend.backends().items():
@@ -35,17 +34,21 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def _compiler_version() -> str:
+def _first_line(*names: str, version_line: int = 0) -> str:
+    """A line of `NAME --version` for the first of `names` on PATH (line 0, or -1 for the last)."""
     import shutil
     import subprocess
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        return "no C++ compiler found"
-    try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=10).stdout
-        return out.splitlines()[0] if out else cxx
-    except Exception:
-        return cxx
+    for name in names:
+        path = shutil.which(name)
+        if path is None:
+            continue
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
+        except Exception:
+            return path
+        lines = [line for line in out.splitlines() if line.strip()]
+        return lines[version_line] if lines else path
+    return "not found"
 
 
 def main() -> None:

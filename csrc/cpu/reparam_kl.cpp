@@ -87,8 +87,11 @@ __attribute__((noinline)) RMM_TARGET_AVX2 void philox_counters_avx2(uint64_t see
   int64_t c = 0;
 #if RMM_HAS_AVX2_CLONES
   constexpr int64_t kStep = avx2::kGroups * 8;
-  for (; c + kStep <= count; c += kStep) {
-    avx2::randn_counters(seed, static_cast<uint64_t>(begin + c), buf + 4 * c);
+  if (count >= kStep) {
+    const avx2::PhiloxKeys keys = avx2::philox_keys(seed);
+    for (; c + kStep <= count; c += kStep) {
+      avx2::randn_counters(keys, static_cast<uint64_t>(begin + c), buf + 4 * c);
+    }
   }
 #endif
   philox_counters(seed, begin + c, count - c, buf + 4 * c);

@@ -110,7 +110,24 @@ RMM_AVX2_INLINE void mulhilo(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
   const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *lo = _mm256_mullo_epi32(a, m);
+}
+
+// The ten round keys of Philox4x32-10 for one seed, broadcast: computed once per block.
+struct PhiloxKeys {
+  __m256i k0[10], k1[10];
+};
+
+RMM_AVX2_INLINE PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys keys;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    keys.k0[round] = _mm256_set1_epi32(static_cast<int>(k0));
+    keys.k1[round] = _mm256_set1_epi32(static_cast<int>(k1));
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return keys;
 }
 
 RMM_AVX2_INLINE __m256 uniform(__m256i x) {  // (x < 0 ? ~x : x) * 4.6566127342e-10
@@ -149,7 +166,7 @@ RMM_AVX2_INLINE void store_counter_major(__m256 n0, __m256 n1, __m256 n2, __m256
 // element order: out[4 * i + k] = component k of counter (counter_begin + i). The groups run
 // interleaved: one group's ten dependent rounds alone would leave the core waiting on latency.
 constexpr int kGroups = 2;
-RMM_AVX2_INLINE void randn_counters(uint64_t seed, uint64_t counter_begin, float* out) {
+RMM_AVX2_INLINE void randn_counters(const PhiloxKeys& keys, uint64_t counter_begin, float* out) {
   alignas(32) uint32_t lo[kGroups * 8], hi[kGroups * 8];
   for (int i = 0; i < kGroups * 8; ++i) {
     const uint64_t counter = counter_begin + static_cast<uint64_t>(i);
@@ -162,25 +179,20 @@ RMM_AVX2_INLINE void randn_counters(uint64_t seed, uint64_t counter_begin, float
     c1[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + 8 * g));
     c2[g] = c3[g] = _mm256_setzero_si256();
   }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const __m256i round_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i round_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
-    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
-    const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
 #pragma GCC unroll 4
     for (int g = 0; g < kGroups; ++g) {
       __m256i hi_b, lo_b, hi_a, lo_a;
       mulhilo(c2[g], round_b, &hi_b, &lo_b);
       mulhilo(c0[g], round_a, &hi_a, &lo_a);
-      c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1[g]), key0);
-      c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3[g]), key1);
+      c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1[g]), keys.k0[round]);
+      c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3[g]), keys.k1[round]);
       c1[g] = lo_b;
       c3[g] = lo_a;
     }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
   }
 #pragma GCC unroll 4
   for (int g = 0; g < kGroups; ++g) {

@@ -264,6 +264,8 @@ def test_bad_forward_input():
         layer(torch.randn(3, IN + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="mask"):
         layer(torch.randn(3, IN, dtype=torch.float64), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        layer(torch.randn(3, IN, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)

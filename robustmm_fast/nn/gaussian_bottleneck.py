@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.reparam_kl import reparameterize_kl
+from .masked_batch_norm import masked_batch_norm
 from ..reference.reparam_kl import REDUCTIONS
 
 
@@ -57,32 +58,6 @@ class GaussianBottleneck(nn.Module):
         return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=bias), nn.ReLU(),
                              nn.Linear(hidden_dim, latent_dim, bias=bias))
 
-    @staticmethod
-    def _norm(norm: Optional[nn.BatchNorm1d], t: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """Batch norm per channel over the rows of t (..., C); with a mask, the statistics
-        (and the running averages) come from the included rows only."""
-        if norm is None:
-            return t
-        rows = t.reshape(-1, t.shape[-1])
-        if mask is None or not norm.training:
-            return norm(rows).reshape(t.shape)
-        keep = mask.reshape(-1, 1)
-        count = keep.sum()
-        mean = torch.where(keep, rows, 0).sum(0) / count.clamp_min(1)
-        var = torch.where(keep, (rows - mean) ** 2, 0).sum(0) / count.clamp_min(1)
-        if norm.track_running_stats:
-            with torch.no_grad():
-                unbiased = var * count / (count - 1).clamp_min(1)
-                momentum = norm.momentum if norm.momentum is not None else 0.1
-                update = count > 1  # a batch with fewer than two rows says nothing about var
-                norm.running_mean.copy_(torch.where(update, torch.lerp(norm.running_mean, mean, momentum), norm.running_mean))
-                norm.running_var.copy_(torch.where(update, torch.lerp(norm.running_var, unbiased, momentum), norm.running_var))
-                norm.num_batches_tracked.add_(1)
-        out = (rows - mean) * torch.rsqrt(var + norm.eps)
-        if norm.affine:
-            out = out * norm.weight + norm.bias
-        return torch.where(keep, out, 0).reshape(t.shape)
-
     def moments(self, x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of x: (..., in_dim) -> two (..., latent_dim) tensors. Rows excluded by
         `mask` are zeroed before the heads, so nothing they hold (NaN included) reaches the
@@ -90,12 +65,15 @@ class GaussianBottleneck(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_dim:
             raise ValueError(f"x must have last dim in_dim={self.in_dim}, got shape {tuple(x.shape)}")
         if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
-                raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got "
-                                 f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor (True = include), got "
+                                f"{getattr(mask, 'dtype', type(mask).__name__)}")
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(f"mask must have shape {tuple(x.shape[:-1])} (x without its last "
+                                 f"dim), got {tuple(mask.shape)}")
             x = torch.where(mask.unsqueeze(-1), x, 0)
-        mu = self._norm(self.mu_norm, self.mu(x), mask)
-        logvar = self._norm(self.logvar_norm, self.logvar(x), mask)
+        mu = masked_batch_norm(self.mu_norm, self.mu(x), mask)
+        logvar = masked_batch_norm(self.logvar_norm, self.logvar(x), mask)
         if self.logvar_clamp is not None:
             logvar = logvar.clamp(*self.logvar_clamp)
         return mu, logvar

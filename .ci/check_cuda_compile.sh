@@ -177,6 +177,20 @@ for src in "${CU[@]}" "${CPP[@]}"; do
   fi
 done
 
+# The CPU extension's sources against the same (newer) torch headers: syntax and templates only.
+for src in csrc/ops.cpp csrc/cpu/*.cpp; do
+  start=$SECONDS
+  cmd=("$CXX" "${CXX_FLAGS[@]}" -fopenmp -fno-math-errno -fno-trapping-math "${DEFINES[@]}"
+       "${INCLUDES[@]}" -fsyntax-only "$src")
+  if "${cmd[@]}"; then
+    echo "check_cuda_compile: OK    $src against torch $TORCH_VERSION headers ($((SECONDS - start)) s, syntax only)"
+  else
+    echo "check_cuda_compile: FAIL  $src against torch $TORCH_VERSION headers" >&2
+    echo "  command: ${cmd[*]}" >&2
+    status=1
+  fi
+done
+
 # Each .cu object must hold device code for every requested arch.
 if command -v cuobjdump >/dev/null 2>&1 || [[ -x "$(dirname "$NVCC")/cuobjdump" ]]; then
   CUOBJDUMP=$(command -v cuobjdump || echo "$(dirname "$NVCC")/cuobjdump")

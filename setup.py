@@ -21,6 +21,7 @@ PACKAGES = find_packages(include=["robustmm_fast", "robustmm_fast.*"]) + ["robus
 PACKAGE_DIR = {"robustmm_fast.kernels": "kernels"}
 STATUS_FILE = "_build_status.json"
 NOT_RUN = "not built: the build did not reach it"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _sources(folder, suffix):
@@ -67,6 +68,12 @@ def _extensions():
                         extra_link_args=link)]
     status = {"_C": NOT_RUN, "_C_cuda": NOT_RUN}
     want, why = _want_cuda(torch, CUDA_HOME)
+    if want and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch picks the visible GPU's arch; with none it would build for every arch nvcc knows
+        # (or fail). Ampere and Hopper natively, newer GPUs through the PTX.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        print(f"robustmm_fast: no GPU visible, building CUDA for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}",
+              file=sys.stderr)
     if want:
         nvcc = ["-O3", "--use_fast_math", "-lineinfo",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -92,6 +99,14 @@ def _extensions():
                 _warn(f"building {extension.name} failed; installing without it.\n{tail}")
 
         def build_extensions(self):
+            try:
+                self._build_all()
+            finally:
+                # later steps (copying into the source tree for -e, the wheel's file list)
+                # must not look for an extension that failed
+                self.extensions = [e for e in self.extensions if status[e.name.rsplit(".", 1)[-1]] is None]
+
+        def _build_all(self):
             try:
                 super().build_extensions()
             except Exception as exc:  # e.g. torch's nvcc/CUDA version check, before any compile

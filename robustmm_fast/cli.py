@@ -21,7 +21,7 @@ def _bench(args) -> int:
     dtype = getattr(torch, args.dtype)
     kwargs = {"dtype": dtype}
     if args.shape:
-        kwargs["shapes"] = [tuple(int(x) for x in s.split("x")) for s in args.shape]
+        kwargs["shapes"] = args.shape
     cases = module.cases(**kwargs)
     impls, ours, baselines = module.implementations(device)
     peak = peak_bandwidth(device)
@@ -39,6 +39,17 @@ def _bench(args) -> int:
         out.write_text(f"{header}\n\n{tables}\n")
         print(f"\nwritten to {out}")
     return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """'64x50x128' -> (64, 50, 128)."""
+    try:
+        shape = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes joined by 'x', e.g. 64x50x128, got {text!r}")
+    return shape
 
 
 def _versions() -> str:
@@ -89,7 +100,7 @@ def main(argv=None) -> int:
     bench.add_argument("op", choices=BENCH_OPS)
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
-    bench.add_argument("--shape", action="append", help="override shapes, e.g. --shape 64x50x128 (repeatable)")
+    bench.add_argument("--shape", action="append", type=_shape, help="override shapes, e.g. --shape 64x50x128 (repeatable)")
     bench.add_argument("--repeat", type=int, default=7, help="timed runs per measurement (median)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--output", metavar="FILE",

@@ -150,11 +150,14 @@ class _EagerReparamKL(torch.autograd.Function):
     mode; under torch.compile, fake tensors, functorch transforms or tensor subclasses the
     custom ops run instead (see _eager_fast_path)."""
 
+    # the ctx-taking form: a separate setup_context makes apply() bind arguments through
+    # inspect.signature, which doubles its cost
     @staticmethod
-    def forward(mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise):
-        return _forward_impl(mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise):
+        inputs = (mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise)
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):

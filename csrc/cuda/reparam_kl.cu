@@ -512,14 +512,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_k
   const auto lead = mu.sizes().slice(0, mu.dim() - 1);
   const int64_t dim = mu.size(-1);
   const int64_t rows = c10::multiply_integers(lead);
-  at::Tensor grad_mu = at::empty_like(in.mu);
-  at::Tensor grad_logvar = at::empty_like(in.mu);
-  at::Tensor grad_eps, grad_prior_mu, grad_prior_logvar;
-  if (need_grad_eps && in.eps.defined()) grad_eps = at::empty_like(in.mu);
-  if (need_grad_prior && in.prior_mu.defined()) {
-    grad_prior_mu = at::empty_like(in.mu);
-    grad_prior_logvar = at::empty_like(in.mu);
-  }
+  ReparamKLGrads out = empty_reparam_kl_grads(in, need_grad_eps, need_grad_prior);
+  at::Tensor &grad_mu = out.mu, &grad_logvar = out.logvar, &grad_eps = out.eps;
+  at::Tensor &grad_prior_mu = out.prior_mu, &grad_prior_logvar = out.prior_logvar;
   if (rows == 0 || dim == 0) {
     return {grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar};
   }

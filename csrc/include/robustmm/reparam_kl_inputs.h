@@ -69,6 +69,26 @@ inline std::pair<at::Tensor, at::Tensor> check_reparam_kl_grads(const at::Tensor
   return {grad_z.contiguous(), grad_kl.contiguous()};
 }
 
+// The backward's outputs, allocated like mu: dmu and dlogvar always; deps only when asked for
+// and eps was given; the prior's two only when asked for and a prior was given (else undefined,
+// which the op returns as None).
+struct ReparamKLGrads {
+  at::Tensor mu, logvar, eps, prior_mu, prior_logvar;
+};
+
+inline ReparamKLGrads empty_reparam_kl_grads(const ReparamKLInputs& in, bool need_grad_eps,
+                                             bool need_grad_prior) {
+  ReparamKLGrads g;
+  g.mu = at::empty_like(in.mu);
+  g.logvar = at::empty_like(in.mu);
+  if (need_grad_eps && in.eps.defined()) g.eps = at::empty_like(in.mu);
+  if (need_grad_prior && in.prior_mu.defined()) {
+    g.prior_mu = at::empty_like(in.mu);
+    g.prior_logvar = at::empty_like(in.mu);
+  }
+  return g;
+}
+
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;

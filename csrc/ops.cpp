@@ -15,6 +15,24 @@ TORCH_LIBRARY(robustmm_C, m) {
       "reparam_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? eps, "
       "Tensor? prior_mu, Tensor? prior_logvar, Tensor? mask, int seed, int noise, "
       "bool need_grad_eps, bool need_grad_prior) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // cycle_reconstruction_loss. distance: 0 mse, 1 l1, 2 smooth_l1 (beta > 0), 3 cosine.
+  // Forward: per-row terms (2, ...) and each row distance's derivatives (float32; float64 for
+  // float64); backward scales those by grad_terms. need_grad bits: 1 forward_pred, 2 target,
+  // 4 cycle_pred, 8 source. See robustmm_fast/ops/cycle_loss.py.
+  m.def(
+      "cycle_loss_forward(Tensor forward_pred, Tensor target, Tensor cycle_pred, Tensor source, "
+      "Tensor? mask, int distance, float beta, bool need_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cycle_loss_backward(Tensor grad_terms, Tensor grad_forward, Tensor grad_target, "
+      "Tensor grad_cycle, Tensor grad_source, Tensor? mask, int distance, int need_grad, "
+      "ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same scaling in place, for the eager path of float32/float64 inputs: the derivative
+  // buffers become the gradients (see cycle_loss_scale_ in csrc/cpu/cycle_loss.cpp).
+  m.def(
+      "cycle_loss_scale_(Tensor grad_terms, Tensor(a!) grad_forward, Tensor(b!) grad_target, "
+      "Tensor(c!) grad_cycle, Tensor(d!) grad_source, Tensor? mask, int distance, "
+      "int need_grad) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

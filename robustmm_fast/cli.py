@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
-BENCH_OPS = ("reparam_kl",)
+BENCH_OPS = ("reparam_kl", "cycle_loss")
 
 
 def _bench(args) -> int:
@@ -22,6 +23,12 @@ def _bench(args) -> int:
     kwargs = {"dtype": dtype}
     if args.shape:
         kwargs["shapes"] = args.shape
+    for option, name in ((args.distance, "distances"), (args.mask, "masks")):
+        if option:
+            if name not in inspect.signature(module.cases).parameters:
+                print(f"robustmm bench: --{name[:-1]} does not apply to {args.op}", file=sys.stderr)
+                return 2
+            kwargs[name] = tuple(option)
     cases = module.cases(**kwargs)
     impls, ours, baselines = module.implementations(device)
     peak = peak_bandwidth(device)
@@ -101,6 +108,10 @@ def main(argv=None) -> int:
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     bench.add_argument("--shape", action="append", type=_shape, help="override shapes, e.g. --shape 64x50x128 (repeatable)")
+    bench.add_argument("--distance", action="append", choices=("mse", "l1", "smooth_l1", "cosine"),
+                       help="cycle_loss: only these distances (repeatable)")
+    bench.add_argument("--mask", action="append", choices=("present", "none"),
+                       help="cycle_loss: only these row masks (repeatable)")
     bench.add_argument("--repeat", type=int, default=7, help="timed runs per measurement (median)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--output", metavar="FILE",

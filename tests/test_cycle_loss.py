@@ -462,3 +462,11 @@ def test_cpp_kernel_checks_its_arguments():
                                 grads[3], m, 0, 15, torch.float32)
     with pytest.raises(ValueError, match="second gradient"):
         ops.cycle_loss_scale_(grad_terms, grads[0], grads[1], grads[2], grads[3], m, 0, 3)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_one_row_without_leading_dims(backend, reduction):
+    """A (D,) input is one row; mean and sum reduce it to a scalar, none keeps the 0-dim row."""
+    tensors, _ = make_inputs((37,), seed=40)
+    check_against_truth(backend, tensors, None, torch.float32, distance="smooth_l1",
+                        reduction=reduction)

@@ -69,7 +69,7 @@ def reduce_terms(terms: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
     """(2, ...) per-row terms -> (2,) for sum/mean, unchanged for none."""
     if reduction == "none":
         return terms
-    sums = terms.flatten(1).sum(1)
+    sums = terms.reshape(2, -1).sum(1)
     if reduction == "sum":
         return sums
     count = terms[0].numel() if mask is None else mask.sum().clamp_min(1)

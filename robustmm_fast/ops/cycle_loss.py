@@ -290,6 +290,8 @@ def _row_mask(mask, ref: Tensor) -> Tensor:
         raise ValueError(f"mask and forward_pred must be on the same device, got {mask.device} "
                          f"and {ref.device}")
     lead = ref.shape[:-1]
+    if mask.shape == lead:
+        return mask.contiguous()
     try:
         ok = torch.broadcast_shapes(mask.shape, lead) == lead
     except RuntimeError:

@@ -470,3 +470,14 @@ def test_one_row_without_leading_dims(backend, reduction):
     tensors, _ = make_inputs((37,), seed=40)
     check_against_truth(backend, tensors, None, torch.float32, distance="smooth_l1",
                         reduction=reduction)
+
+
+def test_double_backward_raises(backend):
+    """The backward has no derivative of its own: create_graph must fail loudly, not give 0."""
+    tensors, m = make_inputs(AWKWARD, mask="some", seed=41)
+    xs = [t.float().requires_grad_() for t in tensors]
+    with run_on(backend, OP):
+        loss = cycle_reconstruction_loss(*xs, mask=m)
+        grads = torch.autograd.grad(loss, xs, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(sum(g.sum() for g in grads), xs)

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
@@ -241,6 +242,7 @@ class _EagerCycleLoss(torch.autograd.Function):
         return terms
 
     @staticmethod
+    @once_differentiable  # no double backward: say so instead of returning zeros
     def backward(ctx, grad_terms):
         need = ctx.needs_input_grad
         need_grad = _need_bits(need)

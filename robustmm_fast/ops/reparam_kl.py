@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
@@ -160,6 +161,7 @@ class _EagerReparamKL(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # no double backward: say so instead of returning zeros
     def backward(ctx, grad_z, grad_kl):
         return _backward_with(_backward_impl, ctx, grad_z, grad_kl)
 

@@ -397,9 +397,8 @@ RMM_ALWAYS_INLINE void scale_rows(const ScaleArgs<T>& a, int64_t begin, int64_t 
     for (int pair = 0; pair < 2; ++pair) {
       T* g = a.first[pair] == nullptr ? nullptr : a.first[pair] + offset;
       T* other = a.second[pair] == nullptr ? nullptr : a.second[pair] + offset;
-      if (excluded) {
-        zero_row(g, dim);
-        zero_row(other, dim);
+      if (excluded) {  // the forward already zeroed the derivatives: only `other` is new
+        if (!a.cosine) zero_row(other, dim);
         continue;
       }
       const T s = a.sign[pair] * a.grad_terms[pair * a.rows + r];
@@ -578,7 +577,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cycle_loss_backward(
 //   symmetric  both wanted: grad_target = -s * grad_forward (grad_target: a buffer the caller
 //              allocated), then grad_forward *= s; only the first: grad_forward *= s; only the
 //              second: grad_forward *= -s (the caller returns it as target's gradient).
-// Excluded rows become 0.
+// Excluded rows become 0 (the derivative buffers must come from cycle_loss_forward, which
+// zeroed them there; only the caller's fresh buffer is written).
 void cycle_loss_scale_(const at::Tensor& grad_terms, at::Tensor& grad_forward,
                        at::Tensor& grad_target, at::Tensor& grad_cycle, at::Tensor& grad_source,
                        const std::optional<at::Tensor>& mask, int64_t distance, int64_t need_grad) {

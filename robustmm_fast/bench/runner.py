@@ -179,8 +179,21 @@ def peak_memory_mb(fn: Callable, device: torch.device) -> float | None:
     return peak / 2**20
 
 
+def settle_cpu_allocator() -> None:
+    """Allocate and free one 32 MiB block. glibc's malloc raises its mmap and trim thresholds to
+    the largest block freed so far (up to 32 MiB and twice that), so whether a run's large
+    tensors come back from the heap or page-fault in fresh from the kernel depends on what the
+    process freed before. Doing this first puts every implementation in the same allocator
+    state, the one a training process reaches after its first steps."""
+    block = torch.empty((32 << 20) // 4 - 1024, dtype=torch.float32)
+    block.fill_(0.0)
+    del block
+
+
 def run_cases(cases: list[Case], impls: list[Impl], device: torch.device, *, warmup: int = 2,
               repeat: int = 7, memory: bool = True, log: Callable[[str], None] | None = None) -> list[Result]:
+    if device.type == "cpu":
+        settle_cpu_allocator()
     results = []
     for case in cases:
         for impl in impls:

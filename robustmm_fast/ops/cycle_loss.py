@@ -21,7 +21,9 @@ For the first three dd/db = -dd/da. Two custom ops carry it:
   grad_input[r, :] = grad_terms[k, r] * G[r, :]. No other intermediate tensor exists.
 
 The reduction (mean over included rows, sum, none) and the weights act on the (2, rows) terms
-in plain autograd, so the backward op always receives a per-row upstream gradient.
+in plain autograd, so the backward op always receives a per-row upstream gradient. In eager
+mode on the C++ backend (float32/float64) the backward scales the derivative buffers in place
+(``robustmm_C::cycle_loss_scale_``) and hands them on as the gradients.
 """
 from __future__ import annotations
 
@@ -238,7 +240,7 @@ class _EagerCycleLoss(torch.autograd.Function):
                                       beta, need_grad)
         ctx.save_for_backward(forward_pred, target, cycle_pred, source)
         ctx.grads, ctx.mask, ctx.distance, ctx.beta = grads, mask, distance, beta
-        ctx.numel = forward_pred.numel()
+        ctx.numel, ctx.dtype = forward_pred.numel(), forward_pred.dtype
         return terms
 
     @staticmethod
@@ -253,12 +255,11 @@ class _EagerCycleLoss(torch.autograd.Function):
             grads = _forward_impl(*ctx.saved_tensors, ctx.mask, ctx.distance, ctx.beta, True)[1:]
         grad_terms = grad_terms.contiguous()
         backend = _backend.resolve(OP, grads[0].device)
-        if backend == "cpp" and grads[0].dtype in (torch.float32, torch.float64):
+        if backend == "cpp" and ctx.dtype in (torch.float32, torch.float64):
             outs = _scale_in_place(grad_terms, grads, ctx.mask, ctx.distance, need_grad)
         else:
-            dtype = ctx.saved_tensors[0].dtype
             outs = _kernel(backend).cycle_loss_backward(grad_terms, *grads, ctx.mask,
-                                                        ctx.distance, need_grad, dtype)
+                                                        ctx.distance, need_grad, ctx.dtype)
         return (*(g if need[i] else None for i, g in enumerate(outs)), None, None, None, None)
 
 

@@ -41,9 +41,9 @@ struct ForwardArgs {
   const scalar_t* source;        // (rows, dim)
   const bool* mask;              // (rows,) True = include; nullable
   acc_t* terms;                  // (2, rows)
-  acc_t* grad_forward;           // (rows, dim); null unless GRAD
+  acc_t* grad_forward;           // (rows, dim); null without need_grad
   acc_t* grad_target;            // (rows, dim); cosine only
-  acc_t* grad_cycle;             // (rows, dim); null unless GRAD
+  acc_t* grad_cycle;             // (rows, dim); null without need_grad
   acc_t* grad_source;            // (rows, dim); cosine only
   int64_t rows;
   int64_t dim;

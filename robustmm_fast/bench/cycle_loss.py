@@ -50,8 +50,10 @@ def cases(shapes=SHAPES, distances=DISTANCES, masks=MASKS, dtype=torch.float32) 
 
 
 def pair_mask(shape, gen: torch.Generator) -> torch.Tensor:
-    """(P, B, ...) row mask from random modality presence: pair p joins modalities
-    (p mod M, (p + 1 + p // M) mod M) of M = 3, included where both are present."""
+    """(P, B, ...) row mask from random modality presence of M = 3 modalities: row group p
+    joins modalities m = p mod 3 and n = (p + 1 + p // 3) mod 3 and is included where both
+    are present. For P = 9 that is CyIN's six ordered pairs, then three groups with m = n
+    (its three sum-of-translations terms, included where their target is present)."""
     pairs, batch = int(shape[0]), int(shape[1])
     present = torch.rand(batch, 3, generator=gen) >= MISSING_RATE
     present[~present.any(1), 0] = True

@@ -72,3 +72,15 @@ def philox_randn(seed: int, shape, device=None) -> torch.Tensor:
     n0, n1 = _box_muller(u[0], u[1])
     n2, n3 = _box_muller(u[2], u[3])
     return torch.stack([n0, n1, n2, n3], dim=1).reshape(-1)[:numel].reshape(tuple(shape))
+
+
+def philox_uniform(seed: int, shape, device=None) -> torch.Tensor:
+    """float32 uniforms in [0, 1) of `shape`: element i (row-major) is component (i & 3) of
+    Philox4x32-10(seed, counter i >> 2) mapped as Triton's uint_to_uniform_float (tl.rand4x's
+    stream; rand_at in csrc/include/robustmm/philox.h)."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    counters = torch.arange((numel + 3) // 4, device=device, dtype=torch.int64)
+    u = [_uniform(x) for x in philox4x32_10(seed, counters)]
+    return torch.stack(u, dim=1).reshape(-1)[:numel].reshape(tuple(shape))

@@ -44,7 +44,13 @@ RMM_HOST_DEVICE void box_muller(float u1, float u2, float* a, float* b) {
   *b = r * s;
 }
 
-RMM_HOST_DEVICE Normal4 randn4x(uint64_t seed, uint64_t counter) {
+struct Uint4 {
+  uint32_t c0, c1, c2, c3;
+};
+
+// Philox4x32-10 of the 64-bit counter (c0 = low half, c1 = high half, c2 = c3 = 0) under the
+// 64-bit key `seed`, as Triton's randint4x.
+RMM_HOST_DEVICE Uint4 philox4x32_10(uint64_t seed, uint64_t counter) {
   uint32_t c0 = static_cast<uint32_t>(counter);
   uint32_t c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0u, c3 = 0u;
@@ -64,10 +70,23 @@ RMM_HOST_DEVICE Normal4 randn4x(uint64_t seed, uint64_t counter) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
+  return {c0, c1, c2, c3};
+}
+
+RMM_HOST_DEVICE Normal4 randn4x(uint64_t seed, uint64_t counter) {
+  const Uint4 c = philox4x32_10(seed, counter);
   Normal4 out;
-  box_muller(uint_to_uniform(c0), uint_to_uniform(c1), &out.n0, &out.n1);
-  box_muller(uint_to_uniform(c2), uint_to_uniform(c3), &out.n2, &out.n3);
+  box_muller(uint_to_uniform(c.c0), uint_to_uniform(c.c1), &out.n0, &out.n1);
+  box_muller(uint_to_uniform(c.c2), uint_to_uniform(c.c3), &out.n2, &out.n3);
   return out;
+}
+
+// Uniform in [0, 1) of flat element `index`: component (index & 3) of counter (index >> 2),
+// as Triton's tl.rand4x (the dropout stream of masked_cross_attention).
+RMM_HOST_DEVICE float rand_at(uint64_t seed, uint64_t index) {
+  const Uint4 c = philox4x32_10(seed, index >> 2);
+  const uint32_t k = static_cast<uint32_t>(index & 3u);
+  return uint_to_uniform(k == 0 ? c.c0 : (k == 1 ? c.c1 : (k == 2 ? c.c2 : c.c3)));
 }
 
 // eps of flat element `index`: component (index & 3) of counter (index >> 2).

@@ -27,6 +27,16 @@ TORCH_LIBRARY(robustmm_C, m) {
       "cycle_loss_backward(Tensor grad_terms, Tensor grad_forward, Tensor grad_target, "
       "Tensor grad_cycle, Tensor grad_source, Tensor? mask, int distance, int need_grad, "
       "ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  // masked_cross_attention. key_keep: (B, Lk) bool, True = attend (absent modalities and
+  // padding False); lse: (B, H, Lq) float32 (float64 for float64), -inf for a row with no key.
+  // Dropout: element (b, h, i, j) with flat index n is dropped when rand_at(seed, n) < dropout_p.
+  m.def(
+      "masked_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_keep, bool is_causal, "
+      "float dropout_p, float scale, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "masked_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? key_keep, bool is_causal, float dropout_p, float scale, int seed) "
+      "-> (Tensor, Tensor, Tensor)");
   // The same scaling in place, for the eager path of float32/float64 inputs: the derivative
   // buffers become the gradients (see cycle_loss_scale_ in csrc/cpu/cycle_loss.cpp).
   m.def(

@@ -6,7 +6,7 @@ import importlib
 import inspect
 import sys
 
-BENCH_OPS = ("reparam_kl", "cycle_loss")
+BENCH_OPS = ("reparam_kl", "cycle_loss", "masked_attention")
 
 
 def _bench(args) -> int:
@@ -22,6 +22,9 @@ def _bench(args) -> int:
     dtype = getattr(torch, args.dtype)
     kwargs = {"dtype": dtype}
     if args.shape:
+        if args.op == "masked_attention":
+            print("robustmm bench: --shape does not apply to masked_attention", file=sys.stderr)
+            return 2
         kwargs["shapes"] = args.shape
     for option, name in ((args.distance, "distances"), (args.mask, "masks")):
         if option:

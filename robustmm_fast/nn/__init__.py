@@ -1,7 +1,10 @@
 """Drop-in layers built on the fused ops."""
+from .cross_modal_transformer import CrossModalTransformer
 from .cycle_consistency import CycleConsistency
 from .cycle_translator import CycleTranslator
 from .gaussian_bottleneck import GaussianBottleneck
+from .masked_attention import MaskedCrossModalAttention
 from .masked_batch_norm import masked_batch_norm
 
-__all__ = ["CycleConsistency", "CycleTranslator", "GaussianBottleneck", "masked_batch_norm"]
+__all__ = ["CrossModalTransformer", "CycleConsistency", "CycleTranslator", "GaussianBottleneck",
+           "MaskedCrossModalAttention", "masked_batch_norm"]

@@ -1,0 +1,102 @@
+"""Benchmark cases of masked_cross_attention: this package's backends against the eager
+reference, torch.compile(reference) and F.scaled_dot_product_attention with the equivalent
+boolean mask (the peer), forward and forward+backward.
+
+Shapes: B=64, H=8, Lq=50, keys = 3 modality segments of 50, d = 32 and 64 (MulT-sized), with 0,
+1 or 2 of the 3 source modalities absent in every sample (which ones: random per sample,
+seeded); and a long case Lq=500, keys 3x500, d=32, B=4, where memory must stay linear in length.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ..ops.masked_attention import masked_cross_attention
+from ..reference.masked_attention import key_keep_mask
+from ..reference.masked_attention import masked_cross_attention as reference
+from .runner import Case, Impl
+
+# (B, H, Lq, key_lengths, d)
+SHAPES = ((64, 8, 50, (50, 50, 50), 32), (64, 8, 50, (50, 50, 50), 64),
+          (4, 8, 500, (500, 500, 500), 32))
+ABSENT = (0, 1, 2)  # absent modalities per sample, of 3
+
+
+def cases(shapes=SHAPES, absent=ABSENT, dtype=torch.float32) -> list[Case]:
+    out = []
+    for shape in shapes:
+        if len(shape) != 5:
+            raise ValueError("masked_attention shapes are (B, H, Lq, key_lengths, d); "
+                             "use the defaults (the CLI's --shape does not apply)")
+        B, H, Lq, lengths, d = shape
+        for a in absent:
+            if a >= len(lengths) + 1:
+                continue
+            name = (f"B{B} H{H} Lq{Lq} Lk{'+'.join(map(str, lengths))} d{d} "
+                    f"{str(dtype).split('.')[-1]} absent={a}/{len(lengths)}")
+            out.append(Case(name, {"shape": shape, "absent": a, "dtype": dtype}))
+    return out
+
+
+def presence(batch: int, modalities: int, absent: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, M) bool with exactly `absent` False per row, which ones random per row."""
+    order = torch.rand(batch, modalities, generator=gen).argsort(1)
+    return order >= absent
+
+
+def _inputs(case: Case, device):
+    gen = torch.Generator().manual_seed(0)
+    B, H, Lq, lengths, d = case.params["shape"]
+    dtype, Lk = case.params["dtype"], sum(lengths)
+    make = lambda *s: torch.randn(*s, generator=gen).to(device, dtype).requires_grad_()  # noqa: E731
+    q, k, v = make(B, H, Lq, d), make(B, H, Lk, d), make(B, H, Lk, d)
+    present = presence(B, len(lengths), case.params["absent"], gen).to(device)
+    grad = torch.randn(B, H, Lq, d, generator=gen).to(device, dtype)
+    return q, k, v, present, lengths, grad
+
+
+def _closures(fn, case, device):
+    q, k, v, present, lengths, grad = _inputs(case, device)
+
+    def forward():
+        with torch.no_grad():
+            return fn(q, k, v, present=present, key_lengths=lengths)
+
+    def forward_backward():
+        fn(q, k, v, present=present, key_lengths=lengths).backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    return forward, forward_backward
+
+
+def _ours(backend: str):
+    def make(case, device):
+        if _backend._unavailable_reason(backend, device) is not None:
+            return None
+        def fn(*args, **kwargs):
+            with _backend.use_backend(backend):
+                return masked_cross_attention(*args, **kwargs)
+        return _closures(fn, case, device)
+    return make
+
+
+def _compiled(case, device):
+    torch._dynamo.reset()
+    return _closures(torch.compile(reference, dynamic=False), case, device)
+
+
+def _sdpa(q, k, v, *, present, key_lengths):
+    keep = key_keep_mask(q.shape[0], k.shape[2], present, key_lengths, None, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+
+
+def implementations(device: torch.device) -> tuple[list[Impl], str, tuple[str, ...]]:
+    ours = ["cpp"] if device.type == "cpu" else ["cuda", "triton"]
+    impls = [Impl(f"robustmm[{b}]", lambda c, b=b: _ours(b)(c, device)) for b in ours]
+    impls += [
+        Impl("eager reference", lambda c: _closures(reference, c, device)),
+        Impl("compile(reference)", lambda c: _compiled(c, device)),
+        Impl("SDPA + bool mask", lambda c: _closures(_sdpa, c, device)),
+    ]
+    return impls, f"robustmm[{ours[0]}]", ("eager reference", "compile(reference)", "SDPA + bool mask")

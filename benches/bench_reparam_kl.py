@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from robustmm_fast.bench import reparam_kl as cases_module
-from robustmm_fast.bench.runner import peak_memory_mb
+from conftest import run_benchmark
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = cases_module.cases()
@@ -19,17 +19,4 @@ IMPLS, OURS, _ = cases_module.implementations(DEVICE)
 @pytest.mark.parametrize("impl", IMPLS, ids=[i.name for i in IMPLS])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_reparam_kl(benchmark, case, impl, phase):
-    made = impl.make(case)
-    if made is None:
-        pytest.skip(f"{impl.name} does not apply to {case.name}")
-    fn = made[0] if phase == "fwd" else made[1]
-    benchmark.group = f"reparam_kl {case.name} {phase}"
-    if phase == "fwd+bwd":
-        benchmark.extra_info["peak_mib"] = peak_memory_mb(fn, DEVICE)
-    if DEVICE.type == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-        benchmark.pedantic(timed, warmup_rounds=2, rounds=20)
-    else:
-        benchmark.pedantic(fn, warmup_rounds=2, rounds=7)
+    run_benchmark(benchmark, "reparam_kl", case, impl, phase, DEVICE)

@@ -13,3 +13,23 @@ def _settled_allocator():
     """Every implementation starts from the same CPU allocator state (see settle_cpu_allocator)."""
     if not torch.cuda.is_available():
         settle_cpu_allocator()
+
+
+def run_benchmark(benchmark, op: str, case, impl, phase: str, device: torch.device) -> None:
+    """Time one (case, implementation, phase) of `op` with pytest-benchmark; fwd+bwd also
+    records its peak memory."""
+    from robustmm_fast.bench.runner import peak_memory_mb
+    made = impl.make(case)
+    if made is None:
+        pytest.skip(f"{impl.name} does not apply to {case.name}")
+    fn = made[0] if phase == "fwd" else made[1]
+    benchmark.group = f"{op} {case.name} {phase}"
+    if phase == "fwd+bwd":
+        benchmark.extra_info["peak_mib"] = peak_memory_mb(fn, device)
+    if device.type == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+        benchmark.pedantic(timed, warmup_rounds=2, rounds=20)
+    else:
+        benchmark.pedantic(fn, warmup_rounds=2, rounds=7)

@@ -33,11 +33,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
 from ..reference import cycle_loss as _ref
 from ._checks import check_choice, check_float_tensor, check_like, check_tensor
+from ._eager import eager_fast_path
 
 __all__ = ["cycle_reconstruction_loss", "DISTANCE_CODES"]
 
@@ -227,7 +227,7 @@ def _scale_in_place(grad_terms, grads, mask, distance, need_grad):
 class _EagerCycleLoss(torch.autograd.Function):
     """The custom ops' forward and backward without their dispatch (about 0.1 ms a call), for
     plain tensors in eager mode; under torch.compile, fake tensors, functorch transforms or
-    tensor subclasses the custom ops run instead (see _eager_fast_path).
+    tensor subclasses the custom ops run instead (see ops/_eager.py).
 
     The derivative buffers are kept on ctx, not saved as outputs, so that the backward can hand
     them on as the gradients after scaling them in place (C++ backend, float32/float64): no
@@ -261,17 +261,6 @@ class _EagerCycleLoss(torch.autograd.Function):
             outs = _kernel(backend).cycle_loss_backward(grad_terms, *grads, ctx.mask,
                                                         ctx.distance, need_grad, ctx.dtype)
         return (*(g if need[i] else None for i, g in enumerate(outs)), None, None, None, None)
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 # ---- public entry point ----
@@ -355,7 +344,7 @@ def cycle_reconstruction_loss(forward_pred: Tensor, target: Tensor, cycle_pred: 
     # smooth_l1 with beta 0 is l1 (as in torch), so kernels may divide by beta
     code = DISTANCE_CODES["l1" if distance == "smooth_l1" and beta == 0.0 else distance]
     args = (*inputs, mask, code, beta, need_grad)
-    if _eager_fast_path(*inputs, mask):
+    if eager_fast_path(*inputs, mask):
         terms = _EagerCycleLoss.apply(*args)
     else:
         terms = cycle_loss_forward(*args)[0]

@@ -24,11 +24,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
 from ..reference import masked_attention as _ref
 from ._checks import check_float_tensor, check_same_dtype_device, check_tensor
+from ._eager import eager_fast_path
 
 __all__ = ["masked_cross_attention"]
 
@@ -141,17 +141,6 @@ class _EagerMaskedAttention(torch.autograd.Function):
         return _backward_with(_backward_impl, ctx, grad_out, grad_lse)
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
-
-
 def _check_inputs(q, k, v, present, key_lengths, key_padding_mask, dropout_p, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(t, name)
@@ -241,7 +230,7 @@ def masked_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, present: Optional
         seed = torch.zeros((), dtype=torch.int64)
     args = (q.contiguous(), k.contiguous(), v.contiguous(),
             None if keep is None else keep.contiguous(), is_causal, float(dropout_p), scale, seed)
-    if _eager_fast_path(*args[:4]):
+    if eager_fast_path(*args[:4]):
         out, _ = _EagerMaskedAttention.apply(*args)
     else:
         out, _ = masked_attention_forward(*args)

@@ -17,13 +17,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
 from ..reference import reparam_kl as _ref
 from ..reference.philox import philox_randn
 from ._checks import (check_broadcastable, check_choice, check_float_tensor, check_like,
                       check_row_mask)
+from ._eager import eager_fast_path
 
 __all__ = ["reparameterize_kl"]
 
@@ -149,7 +149,7 @@ class _EagerReparamKL(torch.autograd.Function):
     """The custom ops' forward and backward without their dispatch, which costs about 0.1 ms a
     call -- as much as the kernel itself at small sizes. Used only for plain tensors in eager
     mode; under torch.compile, fake tensors, functorch transforms or tensor subclasses the
-    custom ops run instead (see _eager_fast_path)."""
+    custom ops run instead (see ops/_eager.py)."""
 
     # the ctx-taking form: a separate setup_context makes apply() bind arguments through
     # inspect.signature, which doubles its cost
@@ -164,17 +164,6 @@ class _EagerReparamKL(torch.autograd.Function):
     @once_differentiable  # no double backward: say so instead of returning zeros
     def backward(ctx, grad_z, grad_kl):
         return _backward_with(_backward_impl, ctx, grad_z, grad_kl)
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 # ---- public entry point ----
@@ -256,7 +245,7 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Optional[Tensor] = Non
     seed = _draw_seed(generator) if noise == PHILOX_NOISE else torch.zeros((), dtype=torch.int64)
     args = (mu.contiguous(), logvar.contiguous(), eps.contiguous() if noise == GIVEN_NOISE else None,
             prior_mu, prior_logvar, None if mask is None else mask.contiguous(), seed, noise)
-    if _eager_fast_path(*args[:6]):
+    if eager_fast_path(*args[:6]):
         z, kl_rows = _EagerReparamKL.apply(*args)
     else:
         z, kl_rows = reparam_kl_forward(*args)

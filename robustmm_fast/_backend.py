@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import json
@@ -97,18 +98,40 @@ def _triton_status() -> tuple[bool, str | None]:
     return True, None
 
 
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can run on tensors of `device`, else why not."""
+@functools.lru_cache(maxsize=None)
+def kernel_registered(op: str, dispatch_key: str) -> bool:
+    """Whether the built extension registers `op`'s forward kernel for `dispatch_key` ('CPU' or
+    'CUDA'). False for an extension built before the op existed (a stale in-place build)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"robustmm_C::{op}_forward", dispatch_key)
+    except RuntimeError:  # the schema itself is unknown: the extension predates the op
+        return False
+
+
+def _stale(op: str | None, extension: str, dispatch_key: str) -> str | None:
+    if op is None or kernel_registered(op, dispatch_key):
+        return None
+    return (f"robustmm_fast.{extension} was built before the {op} kernel existed (a stale build; "
+            "rebuild with `python setup.py build_ext --inplace`, or reinstall)")
+
+
+def _unavailable_reason(backend: str, device: torch.device, op: str | None = None) -> str | None:
+    """None if `backend` can run `op` (any op when None) on tensors of `device`, else why not."""
     if backend == "reference":
         return None
     if backend == "cpp":
         if device.type != "cpu":
             return f"the cpp backend runs CPU tensors, got {device}"
-        return None if _C is not None else f"robustmm_fast._C: {_C_reason}"
+        if _C is None:
+            return f"robustmm_fast._C: {_C_reason}"
+        return _stale(op, "_C", "CPU")
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend runs CUDA tensors, got {device}"
-        return None if _C_cuda is not None else f"robustmm_fast._C_cuda: {_C_cuda_reason}"
+        if _C_cuda is None:
+            return f"robustmm_fast._C_cuda: {_C_cuda_reason}"
+        return _stale(op, "_C_cuda", "CUDA")
     if backend == "triton":
         ok, why = _triton_status()
         if not ok:
@@ -137,7 +160,7 @@ def resolve(op: str, device: torch.device, implemented: tuple[str, ...] = BACKEN
     name = requested_backend()
     if name != "auto":
         why = None if name in implemented else f"op {op!r} has no {name} kernel"
-        why = why or _unavailable_reason(name, device)
+        why = why or _unavailable_reason(name, device, op)
         if why is not None:
             fix = _FIX.get(name, "")
             raise RuntimeError(f"robustmm_fast: backend {name!r} was requested for {op} but is "
@@ -148,7 +171,7 @@ def resolve(op: str, device: torch.device, implemented: tuple[str, ...] = BACKEN
         for candidate in order:
             if candidate not in implemented:
                 continue
-            why = _unavailable_reason(candidate, device)
+            why = _unavailable_reason(candidate, device, op)
             if why is None:
                 name = candidate
                 break

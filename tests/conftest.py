@@ -52,9 +52,13 @@ def cpp_reason() -> str | None:
     return None if info["available"] else info["reason"]
 
 
-def require_cpp() -> None:
-    """Skip (or, with ROBUSTMM_REQUIRE_EXT=1, fail) when the C++ extension is missing."""
+def require_cpp(op: str | None = None) -> None:
+    """Skip (or, with ROBUSTMM_REQUIRE_EXT=1, fail) when the C++ extension is missing, or when
+    `op` is given and the built extension predates its CPU kernel (a stale in-place build)."""
     why = cpp_reason()
+    if why is None and op is not None and not _backend.kernel_registered(op, "CPU"):
+        why = (f"it has no {op} CPU kernel (built before the op existed; "
+               "rebuild with `python setup.py build_ext --inplace`)")
     if why is None:
         return
     msg = f"the C++ extension robustmm_fast._C is unavailable: {why}"

@@ -81,6 +81,28 @@ def test_use_backend_nests_and_restores():
     assert _backend.requested_backend() == "auto"
 
 
+@pytest.mark.parametrize("op", ["reparam_kl", "cycle_loss", "masked_attention"])
+def test_every_op_has_a_cpu_kernel_in_the_built_extension(op):
+    require_cpp(op)  # a stale build skips here, and fails under ROBUSTMM_REQUIRE_EXT=1 (CI)
+    assert _backend.kernel_registered(op, "CPU")
+
+
+def test_stale_extension_is_named_and_auto_falls_back(monkeypatch):
+    """An extension built before an op existed: `cpp` asked for explicitly raises a RuntimeError
+    that says to rebuild; auto runs the reference instead of failing inside the dispatcher."""
+    require_cpp()
+    monkeypatch.setattr(_backend, "kernel_registered", lambda op, key: op != "reparam_kl")
+    mu, logvar = torch.randn(2, 3), torch.randn(2, 3)
+    with robustmm_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="rebuild") as err:
+        robustmm_fast.reparameterize_kl(mu, logvar)
+    assert "reparam_kl" in str(err.value) and "stale" in str(err.value)
+    robustmm_fast.reparameterize_kl(mu, logvar)
+    assert robustmm_fast.last_backend("reparam_kl") == "reference"
+    q = torch.randn(1, 1, 2, 4)
+    robustmm_fast.ops.masked_cross_attention(q, q, q)  # other ops keep their kernels
+    assert robustmm_fast.last_backend("masked_attention") == "cpp"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("robustmm_fast.info") is None,
                     reason="robustmm_fast/info.py does not exist yet")
 def test_info_module_runs():

@@ -1,6 +1,7 @@
 """Benchmark cases of masked_cross_attention: this package's backends against the eager
 reference, torch.compile(reference) and F.scaled_dot_product_attention with the equivalent
-boolean mask (the peer), forward and forward+backward.
+boolean mask (the peer; on CUDA also FlexAttention with the equivalent block mask), forward and
+forward+backward.
 
 Shapes: B=64, H=8, Lq=50, keys = 3 modality segments of 50, d = 32 and 64 (MulT-sized), with 0,
 1 or 2 of the 3 source modalities absent in every sample (which ones: random per sample,
@@ -72,7 +73,7 @@ def _closures(fn, case, device):
 
 def _ours(backend: str):
     def make(case, device):
-        if _backend._unavailable_reason(backend, device) is not None:
+        if _backend._unavailable_reason(backend, device, "masked_attention") is not None:
             return None
         def fn(*args, **kwargs):
             with _backend.use_backend(backend):
@@ -91,6 +92,29 @@ def _sdpa(q, k, v, *, present, key_lengths):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
 
 
+def _flex(case, device):
+    """FlexAttention (compiled) with a block mask from the same kept keys; CUDA only: its CPU
+    path has no backward in torch 2.13. The block mask is built once, outside the timing, as a
+    user would build it once per batch."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    q, k, v, present, lengths, grad = _inputs(case, device)
+    keep = key_keep_mask(q.shape[0], k.shape[2], present, lengths, None, q.device)
+    block_mask = create_block_mask(lambda b, h, i, j: keep[b, j], q.shape[0], None,
+                                   q.shape[2], k.shape[2], device=str(device))
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def forward():
+        with torch.no_grad():
+            return flex(q, k, v, block_mask=block_mask)
+
+    def forward_backward():
+        flex(q, k, v, block_mask=block_mask).backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    return forward, forward_backward
+
+
 def implementations(device: torch.device) -> tuple[list[Impl], str, tuple[str, ...]]:
     ours = ["cpp"] if device.type == "cpu" else ["cuda", "triton"]
     impls = [Impl(f"robustmm[{b}]", lambda c, b=b: _ours(b)(c, device)) for b in ours]
@@ -99,4 +123,8 @@ def implementations(device: torch.device) -> tuple[list[Impl], str, tuple[str, .
         Impl("compile(reference)", lambda c: _compiled(c, device)),
         Impl("SDPA + bool mask", lambda c: _closures(_sdpa, c, device)),
     ]
-    return impls, f"robustmm[{ours[0]}]", ("eager reference", "compile(reference)", "SDPA + bool mask")
+    peers = ("eager reference", "compile(reference)", "SDPA + bool mask")
+    if device.type == "cuda":
+        impls.append(Impl("FlexAttention + block mask", lambda c: _flex(c, device)))
+        peers += ("FlexAttention + block mask",)
+    return impls, f"robustmm[{ours[0]}]", peers

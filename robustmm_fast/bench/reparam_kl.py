@@ -71,7 +71,7 @@ def _closures(fn, case, device):
 
 def _ours(backend: str):
     def make(case, device):
-        if _backend._unavailable_reason(backend, device) is not None:
+        if _backend._unavailable_reason(backend, device, "reparam_kl") is not None:
             return None
         def fn(*args, **kwargs):
             with _backend.use_backend(backend):

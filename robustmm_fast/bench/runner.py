@@ -214,12 +214,16 @@ def run_cases(cases: list[Case], impls: list[Impl], device: torch.device, *, war
                        bytes_fwd=case.bytes_fwd, bytes_fwd_bwd=case.bytes_fwd_bwd)
             results.append(r)
             if log is not None:
-                nan = float("nan")
-                log(f"  {case.name:<32} {impl.name:<22} fwd {fwd_ms or nan:9.3f} ms "
-                    f"{r.fwd_gbs or nan:9.3f} GB/s  fwd+bwd {fb_ms or nan:9.3f} ms "
-                    f"{r.fwd_bwd_gbs or nan:9.3f} GB/s")
+                log(f"  {case.name:<32} {impl.name:<22} fwd {_ms_and_gbs(fwd_ms, r.fwd_gbs)}"
+                    f"  fwd+bwd {_ms_and_gbs(fb_ms, r.fwd_bwd_gbs)}")
             del made, fwd, fwd_bwd
     return results
+
+
+def _ms_and_gbs(ms: float | None, gbs: float | None) -> str:
+    """A progress-line cell: the time, and the bandwidth when the case states its bytes."""
+    text = f"{ms:9.3f} ms" if ms is not None else f"{'-':>9} ms"
+    return text + (f" {gbs:9.3f} GB/s" if gbs is not None else "")
 
 
 def format_table(results: list[Result], ours: str, baselines: tuple[str, ...],

@@ -159,10 +159,11 @@ def resolve(op: str, device: torch.device, implemented: tuple[str, ...] = BACKEN
     """
     name = requested_backend()
     if name != "auto":
-        why = None if name in implemented else f"op {op!r} has no {name} kernel"
-        why = why or _unavailable_reason(name, device, op)
+        missing = name not in implemented
+        why = f"op {op!r} has no {name} kernel (it has {', '.join(implemented)})" if missing \
+            else _unavailable_reason(name, device, op)
         if why is not None:
-            fix = _FIX.get(name, "")
+            fix = "" if missing else _FIX.get(name, "")
             raise RuntimeError(f"robustmm_fast: backend {name!r} was requested for {op} but is "
                                f"unavailable: {why}." + (f" To fix: {fix}." if fix else ""))
     else:

@@ -199,3 +199,13 @@ def test_cli_info(capsys):
         assert name in text
     with pytest.raises(SystemExit):
         cli.main(["no-such-command"])
+
+
+def test_backend_without_a_kernel_for_the_op_says_so():
+    """masked_attention has no CUDA C++ kernel: asking for `cuda` names the op's backends, and
+    gives no install hint (installing CUDA would not help)."""
+    q = torch.randn(1, 1, 2, 4)
+    with robustmm_fast.use_backend("cuda"), pytest.raises(RuntimeError) as err:
+        robustmm_fast.masked_cross_attention(q, q, q)
+    msg = str(err.value)
+    assert "has no cuda kernel" in msg and "reference, cpp, triton" in msg and "To fix" not in msg

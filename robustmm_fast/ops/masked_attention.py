@@ -33,6 +33,8 @@ from ._eager import eager_fast_path
 __all__ = ["masked_cross_attention"]
 
 OP = "masked_attention"
+# No CUDA C++ kernel (it could not be run and tested without a GPU): CUDA tensors go to Triton.
+IMPLEMENTED = ("reference", "cpp", "triton")
 
 
 class _ReferenceKernel:
@@ -51,7 +53,7 @@ class _ReferenceKernel:
 
 
 def _kernel(backend: str):
-    if backend in ("cpp", "cuda"):
+    if backend == "cpp":
         return torch.ops.robustmm_C
     if backend == "triton":
         from ..kernels import masked_attention
@@ -60,12 +62,12 @@ def _kernel(backend: str):
 
 
 def _forward_impl(q, k, v, key_keep, is_causal, dropout_p, scale, seed):
-    kernel = _kernel(_backend.resolve(OP, q.device))
+    kernel = _kernel(_backend.resolve(OP, q.device, IMPLEMENTED))
     return kernel.masked_attention_forward(q, k, v, key_keep, is_causal, dropout_p, scale, int(seed))
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, key_keep, is_causal, dropout_p, scale, seed):
-    kernel = _kernel(_backend.resolve(OP, q.device))
+    kernel = _kernel(_backend.resolve(OP, q.device, IMPLEMENTED))
     return kernel.masked_attention_backward(grad_out, q, k, v, out, lse, key_keep, is_causal,
                                             dropout_p, scale, int(seed))
 

@@ -1,4 +1,12 @@
-"""The `robustmm` command: `robustmm info`, `robustmm bench OP`."""
+"""The `robustmm` command.
+
+    robustmm run     the main job: train every method on the embedded Handwritten data and score
+                     it complete, on every modality subset and at missing rates 0.1 ... 0.5
+    robustmm train   train one method (--method) on --data for --seeds, score it on --protocol
+    robustmm eval    score a trained model (best.pt) on --data with --protocol
+    robustmm bench   time an op against eager, torch.compile and PyTorch peers
+    robustmm info    versions and backend availability
+"""
 from __future__ import annotations
 
 import argparse
@@ -102,9 +110,99 @@ def _device_name(device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _seeds(text: str) -> list[int]:
+    """'1111,1112' or '1111-1115' -> [ints]."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected seeds like 1111,1112 or 1111-1115, got {text!r}")
+    return seeds
+
+
+def _harness_args(p, *, default_protocol: str, default_out: str) -> None:
+    from .run import DEFAULT_SEEDS
+    p.add_argument("--data", default="handwritten",
+                   help="handwritten (embedded, default) | mmsa:PATH.pkl | avmnist:DIR | "
+                        "synthetic[:mosi|mosei]")
+    p.add_argument("--protocol", default=default_protocol,
+                   help="missing-modality points to score, joined by '+': complete, subsets "
+                        "(every non-empty combination), eta[:0.1,0.3] (random missing rate; "
+                        f"default 0.1..0.5), instance:P (default {default_protocol})")
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help="e.g. 1111,1112 or 1111-1115 (default "
+                        f"{','.join(map(str, DEFAULT_SEEDS))}; --quick: {DEFAULT_SEEDS[0]})")
+    p.add_argument("--out", default=default_out, help="output directory (default %(default)s)")
+    p.add_argument("--config", metavar="FILE", help="hyperparameters, .toml or .json (a table per "
+                                                    "method allowed)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
+                   help="override one hyperparameter (repeatable), e.g. --set lr=1e-3")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _harness(args) -> int:
+    from .config import load_config, parse_overrides
+    from .run import DEFAULT_SEEDS, run
+    try:
+        config_file = load_config(args.config)
+        overrides = parse_overrides(args.overrides)
+    except ValueError as exc:
+        print(f"robustmm {args.command}: {exc}", file=sys.stderr)
+        return 2
+    methods = args.methods if args.command == "run" else [args.method]
+    quick = getattr(args, "quick", False)
+    seeds = args.seeds or list(DEFAULT_SEEDS[:1] if quick else DEFAULT_SEEDS)
+    run(methods, data=args.data, seeds=seeds, protocol=args.protocol, out=args.out,
+        quick=quick, overrides=overrides, config_file=config_file,
+        device=args.device, progress=not args.no_progress)
+    return 0
+
+
+def _eval(args) -> int:
+    from .run import load_data, parse_protocol, protocol_masks, score
+    from .train import load_trained
+    points = parse_protocol(args.protocol)
+    rows = []
+    for seed in args.seeds:
+        dataset = load_data(args.data, seed)
+        model = load_trained(args.checkpoint, dataset)
+        scores = score(model, dataset, protocol_masks(dataset, points, seed), device=args.device)
+        for point, metrics in scores.items():
+            rows.append((seed, point, metrics))
+    import json
+    for seed, point, metrics in rows:
+        print(f"seed {seed} {point:<28} " + json.dumps({k: round(v, 4) if isinstance(v, float)
+                                                        else v for k, v in metrics.items()}))
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="robustmm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="robustmm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="the main job: every method on Handwritten, complete, "
+                                       "every subset and eta = 0.1..0.5, one table")
+    _harness_args(run_p, default_protocol="complete+subsets+eta", default_out="robustmm-results")
+    run_p.add_argument("--methods", nargs="+", metavar="METHOD",
+                       help="methods to run (default: every registered method)")
+    run_p.add_argument("--quick", action="store_true",
+                       help="smoke run: one seed, at most 3 epochs per stage (about a minute)")
+    train_p = sub.add_parser("train", help="train one method and score it")
+    _harness_args(train_p, default_protocol="complete", default_out="robustmm-train")
+    train_p.add_argument("--method", required=True, help="e.g. late_fusion, ume_mma")
+    eval_p = sub.add_parser("eval", help="score a trained model (best.pt) on a protocol")
+    eval_p.add_argument("checkpoint", help="a best.pt written by robustmm train/run")
+    eval_p.add_argument("--data", default="handwritten")
+    eval_p.add_argument("--protocol", default="complete+subsets+eta")
+    eval_p.add_argument("--seeds", type=_seeds, default=[1111],
+                        help="seeds of the data split and masks (default 1111)")
+    eval_p.add_argument("--device", default="cpu")
     sub.add_parser("info", help="versions and backend availability")
     bench = sub.add_parser("bench", help="time an op against eager, torch.compile and PyTorch peers")
     bench.add_argument("op", choices=BENCH_OPS)
@@ -121,6 +219,10 @@ def main(argv=None) -> int:
                        help="also write the report (a header with device, versions and date, then "
                             "the tables) to FILE, e.g. benches/results/reparam_kl-h100-bf16.md")
     args = parser.parse_args(argv)
+    if args.command in ("run", "train"):
+        return _harness(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "info":
         from .info import main as info_main
         info_main()

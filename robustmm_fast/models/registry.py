@@ -1,0 +1,120 @@
+"""The methods the harness can train, by name: how to build the model for a dataset, its
+recipe, its default hyperparameters and per-dataset presets.
+
+    method = get_method("ume_mma")
+    config = default_config("ume_mma", dataset.name)      # defaults + the dataset's preset
+    model, recipe = method.build(dataset, config), method.recipe(config)
+
+A config is a plain JSON-able dict; keys a method does not know raise ValueError naming them.
+build/recipe fill keys missing from `config` with the method's defaults (not the presets).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from ..train.recipe import Recipe
+from .early_fusion import EarlyFusion
+from .late_fusion import LateFusion
+from .ume_mma import UMEMMA, UMEMMARecipe
+
+__all__ = ["Method", "METHODS", "get_method", "default_config", "check_config"]
+
+# Keys every Recipe reads (train/recipe.py).
+_RECIPE = {"epochs": 30, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 0.0,
+           "modality_dropout": 0.0}
+_MODEL = {"hidden": 128, "dropout": 0.1, "regression_loss": "l1"}
+_ENCODER = {"encoder": "auto", "layers": 2, "heads": 4}
+
+# Handwritten (1,440 training samples, 6 vector views): small MLPs that train in seconds on
+# 2 CPU cores; inputs are standardized per view, so a plain AdamW at 1e-3 is stable.
+_HANDWRITTEN = {"epochs": 40, "batch_size": 64, "lr": 1e-3, "hidden": 128, "dropout": 0.2}
+
+
+@dataclass(frozen=True)
+class Method:
+    """name; build(dataset, config) -> model; recipe(config) -> Recipe; defaults: every key the
+    method accepts with its default; presets: {dataset name: keys overriding the defaults};
+    paper: the citation."""
+    name: str
+    build: Callable[..., nn.Module]
+    recipe: Callable[[dict], Recipe]
+    defaults: dict
+    presets: dict = field(default_factory=dict)
+    paper: str = ""
+
+    def config(self, dataset_name: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
+        """defaults, then the preset for `dataset_name` (if any), then overrides (checked)."""
+        out = {**self.defaults, **self.presets.get(dataset_name, {}), **(overrides or {})}
+        check_config(self.name, out, self.defaults)
+        return out
+
+
+def check_config(name: str, config: dict, defaults: dict) -> dict:
+    """{**defaults, **config}; ValueError naming the keys `name` does not know."""
+    if not isinstance(config, dict):
+        raise TypeError(f"{name}: config must be a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise ValueError(f"{name}: unknown config key(s) {unknown}; known keys: {sorted(defaults)}")
+    return {**defaults, **config}
+
+
+def _modalities(dataset) -> dict[str, tuple[int, int]]:
+    return {m: (dataset.seq_lens[m], dataset.dims[m]) for m in dataset.modalities}
+
+
+def _model_builder(name: str, cls, keys: tuple[str, ...], defaults: dict):
+    def build(dataset, config: Optional[dict] = None) -> nn.Module:
+        cfg = check_config(name, config or {}, defaults)
+        return cls(_modalities(dataset), dataset.task, dataset.num_classes,
+                   **{k: cfg[k] for k in keys})
+    build.__name__ = build.__qualname__ = f"build_{name}"
+    return build
+
+
+def _recipe_builder(name: str, cls, keys: tuple[str, ...], defaults: dict):
+    def recipe(config: Optional[dict] = None) -> Recipe:
+        cfg = check_config(name, config or {}, defaults)
+        return cls({k: cfg[k] for k in keys})
+    recipe.__name__ = recipe.__qualname__ = f"recipe_{name}"
+    return recipe
+
+
+def _method(name, model_cls, model_defaults, recipe_cls, recipe_defaults, presets, paper):
+    defaults = {**model_defaults, **recipe_defaults}
+    return Method(name, _model_builder(name, model_cls, tuple(model_defaults), defaults),
+                  _recipe_builder(name, recipe_cls, tuple(recipe_defaults), defaults),
+                  defaults, presets, paper)
+
+
+_UME_RECIPE = {k: v for k, v in _RECIPE.items() if k != "epochs"}
+_UME_RECIPE.update(unimodal_epochs=10, finetune_epochs=20, finetune_lr=None, modality_dropout=0.5)
+_UME_HANDWRITTEN = {k: v for k, v in _HANDWRITTEN.items() if k != "epochs"}
+_UME_HANDWRITTEN.update(unimodal_epochs=20, finetune_epochs=20, finetune_lr=5e-4)
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    _method("early_fusion", EarlyFusion, _MODEL, Recipe, _RECIPE,
+            {"handwritten": _HANDWRITTEN},
+            "Early (feature-level) fusion baseline: concatenated modality embeddings + MLP"),
+    _method("late_fusion", LateFusion, {**_MODEL, **_ENCODER, "combine": "sum"}, Recipe, _RECIPE,
+            {"handwritten": _HANDWRITTEN},
+            "Late (decision-level) fusion baseline: sum of the present modalities' logits"),
+    _method("ume_mma", UMEMMA, {**_MODEL, **_ENCODER, "combine": "sum"}, UMEMMARecipe, _UME_RECIPE,
+            {"handwritten": _UME_HANDWRITTEN},
+            "S. Li, C. Du, Y. Zhao, Y. Huang, H. Zhao. What Makes for Robust Multi-Modal Models in "
+            "the Face of Missing Modalities? arXiv:2310.06383, 2023 (UME-MMA)"),
+)}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def default_config(name: str, dataset_name: Optional[str] = None) -> dict:
+    """The method's defaults merged with its preset for `dataset_name` (when it has one)."""
+    return get_method(name).config(dataset_name)

@@ -1,0 +1,106 @@
+"""UME-MMA: Uni-Modal Ensemble with Missing Modality Adaptation.
+
+Li, Du, Zhao, Huang, Zhao, "What Makes for Robust Multi-Modal Models in the Face of Missing
+Modalities?", arXiv:2310.06383 (2023).
+
+The model is LateFusion (one encoder + head per modality; the output sums the present
+branches' logits, so an absent branch contributes nothing). The schedule has two stages:
+
+    unimodal  (epochs [0, unimodal_epochs)):  each branch trained alone on the labels,
+              loss = sum_m uni_m,  uni_m = mean over samples with m present of L(z_m, y);
+              these epochs' models are not selectable (the final model is the fine-tuned one).
+    finetune  (the next finetune_epochs):     the fused model, initialised from the unimodally
+              trained branches (the same modules: nothing is copied), trained on L(y_fused, y)
+              with per-sample modality dropout (probability modality_dropout; every sample
+              keeps >= 1 modality) -- the missing-modality augmentation.
+
+Each stage has its own AdamW (lr, then finetune_lr), so the fine-tuning starts from fresh
+optimizer state; only the current stage's optimizer steps.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..train.recipe import Recipe, check_finite
+from .late_fusion import LateFusion
+
+__all__ = ["UMEMMA", "UMEMMARecipe", "STAGES"]
+
+STAGES = ("unimodal", "finetune")
+
+
+class UMEMMA(LateFusion):
+    """LateFusion with combine="sum" by default (the paper's ensemble of branch logits); see
+    LateFusion for the arguments. Train it with UMEMMARecipe."""
+
+
+class UMEMMARecipe(Recipe):
+    """Config keys: unimodal_epochs (default 10), finetune_epochs (default 20), lr,
+    finetune_lr (None or absent: lr), modality_dropout (default 0.5, applied in finetune only),
+    weight_decay, batch_size, grad_clip. `epochs` is their sum and is not a key of its own."""
+
+    def __init__(self, config: Optional[dict] = None):
+        config = dict(config or {})
+        if "epochs" in config:
+            raise ValueError("UME-MMA's epochs = unimodal_epochs + finetune_epochs; set those "
+                             "instead of 'epochs'")
+        self.unimodal_epochs = int(config.get("unimodal_epochs", 10))
+        self.finetune_epochs = int(config.get("finetune_epochs", 20))
+        if self.unimodal_epochs < 0 or self.finetune_epochs < 1:
+            raise ValueError(f"unimodal_epochs must be >= 0 and finetune_epochs >= 1, got "
+                             f"{self.unimodal_epochs} and {self.finetune_epochs}")
+        config.setdefault("modality_dropout", 0.5)
+        super().__init__({**config, "epochs": self.unimodal_epochs + self.finetune_epochs})
+        self.config = config
+        ft = config.get("finetune_lr")
+        self.finetune_lr = self.lr if ft is None else float(ft)
+        if not self.finetune_lr > 0 or not self.lr > 0:
+            raise ValueError(f"lr and finetune_lr must be > 0, got {self.lr} and "
+                             f"{self.finetune_lr}")
+
+    def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
+        params = list(model.parameters())
+        return {"unimodal": torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay),
+                "finetune": torch.optim.AdamW(params, lr=self.finetune_lr,
+                                              weight_decay=self.weight_decay)}
+
+    def stage(self, epoch: int) -> str:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        return "unimodal" if epoch < self.unimodal_epochs else "finetune"
+
+    def selects(self, epoch: int) -> bool:
+        return self.stage(epoch) == "finetune"
+
+    def augment(self, present: Tensor, *, epoch: int, stage: str,
+                generator: torch.Generator) -> Tensor:
+        _check_stage(stage)
+        if stage == "unimodal":  # each branch sees every sample its modality is present in
+            return present
+        return super().augment(present, epoch=epoch, stage=stage, generator=generator)
+
+    def train_step(self, model: nn.Module, batch, optimizers: dict, *, epoch: int, step: int,
+                   stage: str) -> dict[str, float]:
+        """unimodal: sum of the uni_<m> losses; finetune: the fused task loss. Steps only the
+        stage's optimizer."""
+        _check_stage(stage)
+        out = model(batch.inputs, batch.present, labels=batch.labels, padding=batch.padding,
+                    stage=stage)
+        check_finite(out.losses, epoch=epoch, step=step)
+        loss = out.loss
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        optimizers[stage].step()
+        return {"loss": float(loss.detach()),
+                **{k: float(v.detach()) for k, v in out.losses.items()}}
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"UME-MMA stage must be one of {STAGES}, got {stage!r}")

@@ -1,0 +1,306 @@
+"""The main job, `robustmm run`: train methods, score each on the same missing-modality masks,
+print one table and write results.json, results.csv and a robustness-curve PNG.
+
+For every seed: load the data (Handwritten's split depends on the seed), draw the protocols'
+masks over the test split once (saved under out/masks/, so every method is scored on the same
+masks), then for every method fit (model selection on the validation split only) and evaluate:
+complete test set, every non-empty modality subset (63 for 6 views), and the random missing
+rate eta = 0.1 ... 0.5 (CPM-Nets' protocol; eta = 0 is the complete set).
+Reported per method: mean ± std over seeds of the primary metric at each point, the mean over
+the fixed subsets, the area under the eta curve and MultiBench's relative and effective
+robustness (effective: against late fusion's curve, when late fusion ran).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["load_data", "parse_protocol", "protocol_masks", "score", "run", "format_table"]
+
+DEFAULT_ETAS = (0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_SEEDS = (1111, 1112, 1113)
+ALL_SEEDS = (1111, 1112, 1113, 1114, 1115)
+
+
+def load_data(spec: str, seed: int):
+    """handwritten | mmsa:PATH | avmnist:DIR | synthetic[:mosi|mosei] -> MultimodalDataset."""
+    from . import data
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "handwritten":
+        return data.load_handwritten(seed=seed)
+    if kind == "mmsa":
+        if not arg:
+            raise ValueError("--data mmsa needs a path: mmsa:PATH/TO/aligned_50.pkl")
+        return data.load_mmsa(arg)
+    if kind == "avmnist":
+        if not arg:
+            raise ValueError("--data avmnist needs a directory: avmnist:DIR")
+        return data.load_avmnist(arg)
+    if kind == "synthetic":
+        return data.make_synthetic(preset=arg or None, seed=seed)
+    raise ValueError(f"--data must be handwritten, mmsa:PATH, avmnist:DIR or synthetic[:preset], "
+                     f"got {spec!r}")
+
+
+def parse_protocol(spec: str) -> list[tuple[str, Optional[float]]]:
+    """'complete', 'subsets', 'eta' (0.1..0.5) or 'eta:0.1,0.3', 'instance:0.3', joined by '+'
+    -> [(kind, value), ...]."""
+    out: list[tuple[str, Optional[float]]] = []
+    for part in spec.split("+"):
+        kind, _, values = part.strip().lower().partition(":")
+        if kind in ("complete", "subsets"):
+            if values:
+                raise ValueError(f"protocol {kind!r} takes no value, got {part!r}")
+            out.append((kind, None))
+        elif kind in ("eta", "instance"):
+            try:
+                nums = [float(v) for v in values.split(",")] if values else (
+                    list(DEFAULT_ETAS) if kind == "eta" else [])
+            except ValueError:
+                raise ValueError(f"protocol {part!r}: values must be numbers, e.g. eta:0.1,0.3") from None
+            if not nums:
+                raise ValueError(f"protocol {kind!r} needs a probability, e.g. instance:0.3")
+            out.extend((kind, v) for v in nums)
+        else:
+            raise ValueError(f"protocol must be complete, subsets, eta[:v,...] or instance:v "
+                             f"(joined by '+'), got {part!r}")
+    return out
+
+
+def protocol_masks(dataset, protocol: Sequence[tuple[str, Optional[float]]], seed: int,
+                   split: str = "test") -> dict[str, torch.Tensor]:
+    """{point name: (n_split, M) bool} for every point of the protocol, drawn once per seed."""
+    from .missing import fixed_subsets, instance_missing, random_missing, subset_name
+    n, M = dataset.split_size(split), dataset.num_modalities
+    masks: dict[str, torch.Tensor] = {}
+    for kind, value in protocol:
+        if kind == "complete":
+            masks["complete"] = torch.ones(n, M, dtype=torch.bool)
+        elif kind == "subsets":
+            for row in fixed_subsets(M):
+                masks["subset:" + subset_name(row, dataset.modalities)] = row.expand(n, M).clone()
+        elif kind == "eta":
+            masks[f"eta:{value:g}"] = (torch.ones(n, M, dtype=torch.bool) if value == 0
+                                       else random_missing(n, M, value, seed))
+        else:
+            masks[f"instance:{value:g}"] = instance_missing(n, M, value, seed)
+    return masks
+
+
+def score(model, dataset, masks: dict[str, torch.Tensor], split: str = "test",
+          device="cpu") -> dict[str, dict]:
+    """{point name: metrics dict} of a trained model on every mask."""
+    from .train import evaluate
+    return {name: evaluate(model, dataset, split, present=mask, device=device)
+            for name, mask in masks.items()}
+
+
+@dataclass
+class RunResult:
+    """per_seed[method][seed] = {point: metrics}; summary[method] = aggregated numbers."""
+    metric: str
+    higher_is_better: bool
+    per_seed: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    etas: tuple = ()
+    meta: dict = field(default_factory=dict)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=True)) if len(values) > 1 else 0.0
+
+
+def summarize(result: RunResult) -> None:
+    """Fill result.summary from result.per_seed."""
+    from .metrics import curve_area, effective_robustness, relative_robustness, subset_mean
+    key = result.metric
+    curves: dict[str, list[list[float]]] = {}
+    for method, seeds in result.per_seed.items():
+        s: dict = {}
+        points = list(next(iter(seeds.values())))
+        for point in points:
+            s[point] = _mean_std([seeds[sd][point][key] for sd in seeds])
+        subset_points = [p for p in points if p.startswith("subset:")]
+        if subset_points:
+            s["subset_mean"] = _mean_std([subset_mean([seeds[sd][p][key] for p in subset_points])
+                                          for sd in seeds])
+        if result.etas:
+            xs = [0.0] + list(result.etas)
+            curve = [[seeds[sd]["complete"][key]] + [seeds[sd][f"eta:{e:g}"][key] for e in result.etas]
+                     for sd in seeds]
+            curves[method] = curve
+            s["eta_area"] = _mean_std([curve_area(xs, c) for c in curve])
+            s["relative_robustness"] = _mean_std([relative_robustness(c) for c in curve])
+        result.summary[method] = s
+    baseline = curves.get("late_fusion")
+    if baseline is not None:
+        base = [sum(col) / len(col) for col in zip(*baseline)]
+        for method, curve in curves.items():
+            result.summary[method]["effective_robustness"] = _mean_std(
+                [effective_robustness(c, base) for c in curve])
+
+
+DEFAULT_PROTOCOL = "complete+subsets+eta"
+
+
+def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
+        seeds: Sequence[int] = DEFAULT_SEEDS, protocol: str = DEFAULT_PROTOCOL,
+        out: str | Path = "robustmm-results", quick: bool = False,
+        overrides: Optional[dict] = None, config_file: Optional[dict] = None,
+        device: str = "cpu", progress: bool = True,
+        log: Callable[[str], None] = print) -> RunResult:
+    """Train and score every method; write out/results.json, results.csv, robustness.png."""
+    from .config import merge, select
+    from .metrics import primary_metric
+    from .missing import save_masks
+    from .models.registry import METHODS, default_config
+    from .train import fit
+    methods = list(methods or METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; known: {sorted(METHODS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = parse_protocol(protocol)
+    if ("complete", None) not in points:
+        points.insert(0, ("complete", None))  # every table starts from the complete test set
+    etas = [v for k, v in points if k == "eta" and v > 0]
+    result: Optional[RunResult] = None
+    start = time.perf_counter()
+    for seed in seeds:
+        dataset = load_data(data, seed)
+        if result is None:
+            key, higher = primary_metric(dataset.task)
+            result = RunResult(key, higher, etas=tuple(etas),
+                               meta={"data": data, "dataset": dataset.name, "seeds": list(seeds),
+                                     "methods": methods, "quick": quick,
+                                     "modalities": dataset.modalities})
+        masks = protocol_masks(dataset, points, seed)
+        save_masks(out / "masks" / f"seed-{seed}.npz", masks,
+                   {"seed": seed, "data": data, "modalities": dataset.modalities,
+                    "split": "test", "protocol": protocol})
+        for method in methods:
+            cfg = merge(default_config(method, dataset.name),
+                        select(config_file or {}, method, METHODS), overrides or {})
+            if quick:
+                cfg = _quick(cfg)
+            t0 = time.perf_counter()
+            fitted = fit(method, dataset, config=cfg, seed=seed, out_dir=out / method / f"seed-{seed}",
+                         device=device, progress=progress)
+            scores = score(fitted.model, dataset, masks, device=device)
+            result.per_seed.setdefault(method, {})[seed] = scores
+            last = f"eta:{etas[-1]:g}" if etas else None
+            log(f"[{time.perf_counter() - start:6.0f}s] {method:<12} seed {seed}: "
+                f"{result.metric} complete {scores['complete'][result.metric]:.4f}"
+                + (f", {last} {scores[last][result.metric]:.4f}" if last else "")
+                + f" (best epoch {fitted.best_epoch}, {time.perf_counter() - t0:.0f}s)")
+    assert result is not None
+    summarize(result)
+    write_results(result, out, log)
+    return result
+
+
+def _quick(cfg: dict) -> dict:
+    """A smoke run: a few epochs of every stage."""
+    cfg = dict(cfg)
+    for key, value in cfg.items():
+        if key.endswith("epochs") and isinstance(value, int) and value > 0:
+            cfg[key] = max(1, min(value, 3))
+    return cfg
+
+
+def _pm(ms: tuple[float, float], scale: float) -> str:
+    mean, std = ms
+    if math.isnan(mean):
+        return "nan"
+    return f"{mean * scale:.2f} ± {std * scale:.2f}"
+
+
+def format_table(result: RunResult) -> str:
+    """Markdown: one row per method; complete, subset mean, each eta, area, robustness."""
+    pct = 100.0 if result.metric in ("accuracy", "f1_macro", "f1_weighted", "uar") else 1.0
+    first = next(iter(result.summary.values()), {})
+    cols = ["complete"] + (["subset_mean"] if "subset_mean" in first else [])
+    cols += [f"eta:{e:g}" for e in result.etas]
+    cols += [p for p in first if p.startswith("instance:")]
+    names = [{"complete": "complete", "subset_mean": "mean of subsets"}.get(c, c.replace(
+        "eta:", "η=").replace("instance:", "p=")) for c in cols]
+    extra = [c for c in ("eta_area", "relative_robustness", "effective_robustness")
+             if any(c in s for s in result.summary.values())]
+    unit = " (%)" if pct == 100.0 else ""
+    lines = [f"| method | " + " | ".join(f"{n}{unit}" for n in names)
+             + "".join(f" | {c.replace('_', ' ')}" for c in extra) + " |",
+             "|---" * (1 + len(cols) + len(extra)) + "|"]
+    for method, s in result.summary.items():
+        row = [_pm(s[c], pct) if c in s else "–" for c in cols]
+        row += [_pm(s[c], pct if c == "eta_area" else 1.0) if c in s else "–" for c in extra]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    seeds = result.meta.get("seeds", [])
+    return (f"{result.meta.get('dataset')}: {result.metric} on the test split, mean ± std over "
+            f"{len(seeds)} seed(s) {seeds}\n\n" + "\n".join(lines))
+
+
+def write_results(result: RunResult, out: Path, log: Callable[[str], None] = print) -> None:
+    table = format_table(result)
+    log("\n" + table)
+    (out / "results.md").write_text(table + "\n")
+    payload = {"metric": result.metric, "higher_is_better": result.higher_is_better,
+               "etas": list(result.etas), "meta": result.meta,
+               "summary": {m: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()}
+                           for m, s in result.summary.items()},
+               "per_seed": {m: {str(sd): pts for sd, pts in seeds.items()}
+                            for m, seeds in result.per_seed.items()}}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(out / "results.json")
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seed", "point", "metric", "value"])
+        for m, seeds in result.per_seed.items():
+            for sd, pts in seeds.items():
+                for point, metrics in pts.items():
+                    for k, v in metrics.items():
+                        w.writerow([m, sd, point, k, v])
+    log(f"\nwritten: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
+    png = plot_curves(result, out / "robustness.png")
+    log(f"          {png}" if png else "          (no robustness.png: `pip install matplotlib` "
+                                        "for the curve plot)")
+
+
+def plot_curves(result: RunResult, path: Path) -> Optional[Path]:
+    """The eta curve per method (mean ± std band); None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not result.etas:
+        return None
+    xs = [0.0] + list(result.etas)
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for method, s in result.summary.items():
+        pts = [s["complete"]] + [s[f"eta:{e:g}"] for e in result.etas]
+        mean = [p[0] for p in pts]
+        std = [p[1] for p in pts]
+        ax.plot(xs, mean, marker="o", label=method)
+        ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        alpha=0.15)
+    ax.set_xlabel("missing rate η")
+    ax.set_ylabel(result.metric)
+    ax.set_title(f"{result.meta.get('dataset')}: robustness to missing modalities")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -25,8 +25,7 @@ import torch
 __all__ = ["load_data", "parse_protocol", "protocol_masks", "score", "run", "format_table"]
 
 DEFAULT_ETAS = (0.1, 0.2, 0.3, 0.4, 0.5)
-DEFAULT_SEEDS = (1111, 1112, 1113)
-ALL_SEEDS = (1111, 1112, 1113, 1114, 1115)
+DEFAULT_SEEDS = (1111, 1112, 1113, 1114, 1115)
 
 
 def load_data(spec: str, seed: int):
@@ -164,10 +163,18 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
     from .missing import save_masks
     from .models.registry import METHODS, default_config
     from .train import fit
+    from .train.engine import ENGINE_KEYS
     methods = list(methods or METHODS)
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; known: {sorted(METHODS)}")
+    shared = merge({k: v for k, v in (config_file or {}).items() if k not in METHODS},
+                   overrides or {})
+    if len(methods) > 1:  # a shared key goes to the methods that have it; none having it is an error
+        unknown = sorted(k for k in shared if k not in ENGINE_KEYS
+                         and not any(k in METHODS[m].defaults for m in methods))
+        if unknown:
+            raise ValueError(f"config key(s) {unknown} belong to none of the methods {methods}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = parse_protocol(protocol)
@@ -189,8 +196,11 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
                    {"seed": seed, "data": data, "modalities": dataset.modalities,
                     "split": "test", "protocol": protocol})
         for method in methods:
-            cfg = merge(default_config(method, dataset.name),
-                        select(config_file or {}, method, METHODS), overrides or {})
+            own = merge(select(config_file or {}, method, METHODS), overrides or {})
+            if len(methods) > 1:
+                own = {k: v for k, v in own.items()
+                       if k in METHODS[method].defaults or k in ENGINE_KEYS or k not in shared}
+            cfg = merge(default_config(method, dataset.name), own)
             if quick:
                 cfg = _quick(cfg)
             t0 = time.perf_counter()
@@ -218,11 +228,15 @@ def _quick(cfg: dict) -> dict:
     return cfg
 
 
-def _pm(ms: tuple[float, float], scale: float) -> str:
+def _pm(ms: tuple[float, float], scale: float, digits: int = 2) -> str:
     mean, std = ms
     if math.isnan(mean):
         return "nan"
-    return f"{mean * scale:.2f} ± {std * scale:.2f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+_EXTRA_NAMES = {"eta_area": "η-curve area", "relative_robustness": "relative robustness",
+                "effective_robustness": "effective robustness (vs late fusion)"}
 
 
 def format_table(result: RunResult) -> str:
@@ -238,11 +252,13 @@ def format_table(result: RunResult) -> str:
              if any(c in s for s in result.summary.values())]
     unit = " (%)" if pct == 100.0 else ""
     lines = [f"| method | " + " | ".join(f"{n}{unit}" for n in names)
-             + "".join(f" | {c.replace('_', ' ')}" for c in extra) + " |",
+             + "".join(f" | {_EXTRA_NAMES[c]}{unit if c == 'eta_area' else ''}" for c in extra)
+             + " |",
              "|---" * (1 + len(cols) + len(extra)) + "|"]
     for method, s in result.summary.items():
         row = [_pm(s[c], pct) if c in s else "–" for c in cols]
-        row += [_pm(s[c], pct if c == "eta_area" else 1.0) if c in s else "–" for c in extra]
+        row += [(_pm(s[c], pct) if c == "eta_area" else _pm(s[c], 1.0, 3)) if c in s else "–"
+                for c in extra]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     seeds = result.meta.get("seeds", [])
     return (f"{result.meta.get('dataset')}: {result.metric} on the test split, mean ± std over "

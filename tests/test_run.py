@@ -1,0 +1,140 @@
+"""The main job and the CLI (`robustmm run | train | eval`): protocol parsing, configs, the files
+a run writes, the saved masks every method is scored on, and train -> eval round trips on the
+embedded Handwritten data and on a small MMSA pickle in its real format."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from robustmm_fast import cli
+from robustmm_fast.config import load_config, parse_overrides, select
+from robustmm_fast.missing import fixed_subsets, load_masks
+from robustmm_fast.run import parse_protocol, protocol_masks
+
+from test_data import mmsa_dict, write_pkl
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids oversubscribing a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_parse_protocol():
+    assert parse_protocol("complete") == [("complete", None)]
+    assert parse_protocol("subsets+eta:0.1,0.3") == [("subsets", None), ("eta", 0.1), ("eta", 0.3)]
+    assert parse_protocol("eta") == [("eta", v) for v in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    assert parse_protocol("instance:0.25") == [("instance", 0.25)]
+    for bad, match in (("sometimes", "protocol must be"), ("instance", "needs a probability"),
+                       ("eta:x", "must be numbers"), ("complete:1", "takes no value")):
+        with pytest.raises(ValueError, match=match):
+            parse_protocol(bad)
+
+
+def test_protocol_masks_are_the_protocols():
+    from robustmm_fast.data import load_handwritten
+    ds = load_handwritten(seed=1111)
+    masks = protocol_masks(ds, parse_protocol("complete+subsets+eta:0.5"), seed=1111)
+    assert len([k for k in masks if k.startswith("subset:")]) == 63
+    assert masks["complete"].all() and masks["complete"].shape == (400, 6)
+    assert torch.equal(masks["subset:fac+pix"][0], torch.tensor([1, 0, 0, 0, 1, 0], dtype=torch.bool))
+    eta = masks["eta:0.5"]
+    assert abs((~eta).float().mean().item() - 0.5) <= 0.005 and eta.any(1).all()
+    again = protocol_masks(ds, parse_protocol("eta:0.5"), seed=1111)["eta:0.5"]
+    assert torch.equal(eta, again)  # same seed, same masks
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('lr = 0.01\n[ume_mma]\nunimodal_epochs = 2\n[late_fusion]\nhidden = 16\n')
+    cfg = load_config(str(path))
+    assert select(cfg, "ume_mma", ["ume_mma", "late_fusion"]) == {"lr": 0.01, "unimodal_epochs": 2}
+    assert select(cfg, "late_fusion", ["ume_mma", "late_fusion"]) == {"lr": 0.01, "hidden": 16}
+    assert parse_overrides(["lr=1e-3", "widths=[64, 32]", "name=abc", "flag=true"]) == \
+        {"lr": 1e-3, "widths": [64, 32], "name": "abc", "flag": True}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["lr"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_config(str(bad))
+    with pytest.raises(ValueError, match="cannot read"):
+        load_config(str(tmp_path / "absent.toml"))
+
+
+def test_run_writes_results_masks_and_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["run", "--methods", "late_fusion", "ume_mma", "--seeds", "1111", "--out", str(out),
+                   "--no-progress", "--protocol", "complete+subsets+eta:0.2,0.5",
+                   "--set", "epochs=2", "--set", "unimodal_epochs=1", "--set", "finetune_epochs=1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| late_fusion |" in printed and "| ume_mma |" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert result["metric"] == "accuracy" and result["etas"] == [0.2, 0.5]
+    for method in ("late_fusion", "ume_mma"):
+        points = result["per_seed"][method]["1111"]
+        assert len([p for p in points if p.startswith("subset:")]) == 63
+        assert {"complete", "eta:0.2", "eta:0.5"} <= set(points)
+        summary = result["summary"][method]
+        subset_accs = [points[p]["accuracy"] for p in points if p.startswith("subset:")]
+        assert summary["subset_mean"]["mean"] == pytest.approx(sum(subset_accs) / 63)
+        assert summary["complete"]["mean"] == points["complete"]["accuracy"]
+        assert (out / method / "seed-1111" / "best.pt").exists()
+    # effective robustness is measured against late fusion: 0 for late fusion itself
+    assert result["summary"]["late_fusion"]["effective_robustness"]["mean"] == pytest.approx(0.0)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["method"] for r in rows} == {"late_fusion", "ume_mma"}
+    assert (out / "robustness.png").stat().st_size > 1000
+    masks, meta = load_masks(out / "masks" / "seed-1111.npz")
+    assert meta["modalities"] == ["fac", "fou", "kar", "mor", "pix", "zer"]
+    assert torch.equal(masks["subset:fac+fou+kar+mor+pix+zer"], masks["complete"])
+    assert len(fixed_subsets(6)) == 63
+
+
+def test_train_then_eval_round_trip(tmp_path, capsys):
+    out = tmp_path / "train"
+    assert cli.main(["train", "--method", "early_fusion", "--seeds", "1111", "--out", str(out),
+                     "--no-progress", "--set", "epochs=2"]) == 0
+    capsys.readouterr()
+    trained = json.loads((out / "results.json").read_text())
+    acc = trained["per_seed"]["early_fusion"]["1111"]["complete"]["accuracy"]
+    assert cli.main(["eval", str(out / "early_fusion" / "seed-1111" / "best.pt"),
+                     "--protocol", "complete"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("seed 1111 complete")
+    assert json.loads(line.split(" ", 3)[3])["accuracy"] == round(acc, 4)
+
+
+def test_train_unknown_key_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no_such_key"):
+        cli.main(["train", "--method", "late_fusion", "--seeds", "1111", "--out", str(tmp_path),
+                  "--no-progress", "--set", "no_such_key=1"])
+
+
+def test_train_on_mmsa_format(tmp_path):
+    """A small pickle in MMSA's real layout (unaligned, padded sequences): the transformer
+    encoders, L1 regression and MMSA's metrics, end to end."""
+    path = write_pkl(tmp_path / "unaligned_50.pkl", mmsa_dict(aligned=False))
+    out = tmp_path / "mmsa"
+    assert cli.main(["train", "--method", "late_fusion", "--data", f"mmsa:{path}", "--seeds", "1111",
+                     "--out", str(out), "--no-progress", "--protocol", "complete+subsets",
+                     "--set", "epochs=2", "--set", "hidden=8", "--set", "batch_size=2"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["metric"] == "MAE" and not result["higher_is_better"]
+    points = result["per_seed"]["late_fusion"]["1111"]
+    assert len(points) == 1 + 7  # complete + the 7 subsets of 3 modalities
+    for metrics in points.values():
+        assert {"Has0_acc_2", "Non0_F1_score", "Mult_acc_7", "MAE", "Corr"} <= set(metrics)
+        assert metrics["MAE"] == metrics["MAE"]  # finite, not NaN
+
+
+def test_bad_data_spec():
+    with pytest.raises(ValueError, match="--data must be"):
+        cli.main(["train", "--method", "late_fusion", "--data", "imagenet", "--no-progress"])

@@ -14,7 +14,7 @@ import importlib
 import inspect
 import sys
 
-BENCH_OPS = ("reparam_kl", "cycle_loss", "masked_attention")
+BENCH_OPS = ("reparam_kl", "cycle_loss", "masked_attention", "models")
 
 
 def _bench(args) -> int:
@@ -30,8 +30,8 @@ def _bench(args) -> int:
     dtype = getattr(torch, args.dtype)
     kwargs = {"dtype": dtype}
     if args.shape:
-        if args.op == "masked_attention":
-            print("robustmm bench: --shape does not apply to masked_attention", file=sys.stderr)
+        if args.op in ("masked_attention", "models"):
+            print(f"robustmm bench: --shape does not apply to {args.op}", file=sys.stderr)
             return 2
         kwargs["shapes"] = args.shape
     for option, name in ((args.distance, "distances"), (args.mask, "masks")):
@@ -204,7 +204,8 @@ def main(argv=None) -> int:
                         help="seeds of the data split and masks (default 1111)")
     eval_p.add_argument("--device", default="cpu")
     sub.add_parser("info", help="versions and backend availability")
-    bench = sub.add_parser("bench", help="time an op against eager, torch.compile and PyTorch peers")
+    bench = sub.add_parser("bench", help="time an op against eager, torch.compile and PyTorch "
+                                         "peers; `models`: a method's training step")
     bench.add_argument("op", choices=BENCH_OPS)
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))

@@ -1,0 +1,413 @@
+"""CyIN (models/cyin.py): shapes and loss terms for M = 2, 3, 6 on vector and sequence data
+(equal and unequal lengths, padded), absent/padded values inert (NaN included), the fused and
+reference backends agreeing on one training step, the two-stage recipe and its stage-2 latent
+substitution, the config round trip with the official-quirks flag, and CLI smoke trains on the
+MMSA format and on Handwritten."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import robustmm_fast
+from robustmm_fast import _backend, cli
+from robustmm_fast.data.dataset import MultimodalDataset
+from robustmm_fast.models import CyIN, CyINRecipe
+from robustmm_fast.models.cyin import OFFICIAL_QUIRKS
+from robustmm_fast.models.registry import default_config, get_method
+from robustmm_fast.train.checkpoint import load_best
+
+from conftest import require_cpp
+from test_data import mmsa_dict, write_pkl
+
+# small widths: every test model builds and steps in milliseconds
+SMALL = {"common_dim": 16, "ib_inter_dim": 16, "ib_dim": 8, "fusion_dim": 8, "mult_heads": 2,
+         "mult_layers": 1, "memory_layers": 1, "translator_widths": [8, 4],
+         "translator_blocks": 2}
+NO_DROPOUT = {"attn_dropout": 0.0, "relu_dropout": 0.0, "res_dropout": 0.0,
+              "embed_dropout": 0.0, "out_dropout": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids oversubscribing a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _splits(n):
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return {"train": idx[: n // 2], "valid": idx[n // 2: 3 * n // 4], "test": idx[3 * n // 4:]}
+
+
+def make_data(shapes: dict, *, padded=(), task="classification", n=24, seed=0,
+              shared_lengths=False) -> MultimodalDataset:
+    """shapes {m: (L, D)}; modalities in `padded` get random valid lengths (one sample with
+    none, unless shared_lengths: every padded modality then shares one length per sample,
+    as aligned data do)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {m: torch.randn(n, L, D, generator=g) for m, (L, D) in shapes.items()}
+    lengths, common = {}, None
+    for m in padded:
+        L = shapes[m][0]
+        if shared_lengths:
+            common = torch.randint(1, L + 1, (n,), generator=g) if common is None else common
+            lengths[m] = common.clone()
+        else:
+            lengths[m] = torch.randint(1, L + 1, (n,), generator=g)
+            lengths[m][0] = 0  # a present sample whose modality has no valid token
+    if task == "classification":
+        return MultimodalDataset("cyin_test", task, inputs, torch.randint(0, 3, (n,), generator=g),
+                                 _splits(n), num_classes=3, lengths=lengths)
+    return MultimodalDataset("cyin_test", task, inputs, torch.rand(n, generator=g) * 6 - 3,
+                             _splits(n), lengths=lengths)
+
+
+HW6 = {"fac": (1, 5), "fou": (1, 7), "kar": (1, 3), "mor": (1, 2), "pix": (1, 6), "zer": (1, 4)}
+DATA = {  # name: (shapes, padded, task, shared lengths)
+    "vec2": ({"a": (1, 5), "b": (1, 3)}, (), "classification", False),
+    "vec6": (HW6, (), "classification", False),
+    "seq3_unequal": ({"text": (7, 8), "audio": (5, 4), "vision": (6, 5)},
+                     ("text", "audio", "vision"), "regression", False),
+    "seq3_aligned": ({"text": (6, 8), "audio": (6, 4), "vision": (6, 5)},
+                     ("text", "audio", "vision"), "regression", True),
+    "seq2_equal_padded": ({"a": (5, 4), "b": (5, 3)}, ("a",), "classification", False),
+}
+
+
+def data(name: str) -> MultimodalDataset:
+    shapes, padded, task, shared = DATA[name]
+    return make_data(shapes, padded=padded, task=task, shared_lengths=shared)
+
+
+def build(ds, **over) -> CyIN:
+    torch.manual_seed(0)
+    return get_method("cyin").build(ds, {**SMALL, **over})
+
+
+def present_mask(n, m, seed=1):
+    """Random masks with an all-absent row, an all-present row and a single-present row."""
+    p = torch.rand(n, m, generator=torch.Generator().manual_seed(seed)) > 0.4
+    p[0], p[1], p[2] = False, True, False
+    p[2, m - 1] = True
+    return p
+
+
+def run(model, b, stage=None, seed=0, **kw):
+    torch.manual_seed(seed)  # the sampling noise, dropout and stage-2 draws
+    return model(b.inputs, b.present, labels=b.labels, padding=b.padding, stage=stage, **kw)
+
+
+# ---------------------------------------------------------------- shapes and losses
+
+@pytest.mark.parametrize("name", DATA)
+def test_shapes_and_every_loss_term(name):
+    ds = data(name)
+    M = ds.num_modalities
+    model = build(ds).train()
+    b = ds.batch(torch.arange(12), present_mask(12, M))
+    assert model.tokenwise == (len({L for L, _ in model.modalities.values()}) == 1)
+    for stage in ("stage1", "stage2"):
+        out = run(model, b, stage)
+        if ds.task == "classification":
+            assert out.logits.shape == (12, 3) and out.prediction is None
+        else:
+            assert out.prediction.shape == (12,) and out.logits is None
+        want = ["task", "label_ib", "ib"] + (["translation"] if stage == "stage2" else [])
+        assert list(out.losses) == want
+        for k, v in out.losses.items():
+            assert v.shape == () and torch.isfinite(v), k
+            assert v > 0, k  # every term is really computed (none a constant 0)
+        T = next(iter(ds.seq_lens.values())) if model.tokenwise else 1
+        assert out.extras["reconstructed"].shape == (M, 12, T, 8)
+        assert set(out.extras["latents"]) == set(ds.modalities)
+        for m, (L, _) in model.modalities.items():
+            assert out.extras["latents"][m].shape == (12, L, 8)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        # stage 2 trains the translators through the translation loss
+        tr = model.cycle.translator.weight[0].grad
+        assert tr is not None and tr.abs().sum() > 0
+    inference = model.eval()(b.inputs, b.present, padding=b.padding)
+    assert inference.losses == {} and torch.isfinite(inference.output).all()
+
+
+def test_loss_weights_are_as_documented():
+    """ib = (1/eta) L_IB, translation = lam * CycleConsistency's loss, label_ib scales with
+    label_weight (same seed: the same draws)."""
+    ds = data("vec6")
+    b = ds.batch(torch.arange(10), present_mask(10, 6))
+    base = run(build(ds).train(), b, "stage2").losses
+    scaled = run(build(ds, eta=32.0, lam=5.0, label_weight=0.5).train(), b, "stage2").losses
+    # (eta also weighs the MSE inside L_IB, so "ib" is no plain multiple: checked below)
+    torch.testing.assert_close(scaled["translation"], base["translation"] / 2)
+    torch.testing.assert_close(scaled["label_ib"], base["label_ib"] / 2)
+    torch.testing.assert_close(scaled["task"], base["task"])
+    # ib = (1/eta) mean[KL + eta MSE] = mean[KL]/eta + mean[MSE]: linear in 1/eta
+    at = {e: run(build(ds, eta=e).train(), b, "stage2").losses["ib"] for e in (1.0, 2.0, 4.0)}
+    torch.testing.assert_close(at[2.0] - at[4.0], (at[1.0] - at[2.0]) / 2)
+
+
+# ---------------------------------------------------------------- absent / padded values are inert
+
+def _loss_output_grads(model, inputs, b, stage, seed):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(inputs, b.present, labels=b.labels, padding=b.padding, stage=stage)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.output.detach(), out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", ["vec6", "seq3_unequal", "seq3_aligned"])
+@pytest.mark.parametrize("mode,stage", [("eval", None), ("train", "stage1"), ("train", "stage2")])
+def test_absent_and_padded_values_never_reach_output_or_gradients(name, mode, stage):
+    ds = data(name)
+    model = build(ds).train(mode == "train")
+    b = ds.batch(torch.arange(12), present_mask(12, ds.num_modalities))
+    hidden = {}
+    for i, m in enumerate(ds.modalities):
+        mask = ~b.present[:, i, None, None]
+        if m in b.padding:
+            mask = mask | b.padding[m][..., None]
+        hidden[m] = mask.expand_as(b.inputs[m])
+    garbage = {m: torch.where(hidden[m], torch.full_like(x, 1e3), x) for m, x in b.inputs.items()}
+    nans = {m: torch.where(hidden[m], torch.full_like(x, float("nan")), x)
+            for m, x in b.inputs.items()}
+    y1, l1, g1 = _loss_output_grads(model, garbage, b, stage, seed=3)
+    y2, l2, g2 = _loss_output_grads(model, nans, b, stage, seed=3)
+    assert torch.isfinite(y2).all() and torch.isfinite(l2)
+    assert torch.equal(y1, y2) and torch.equal(l1, l2)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert torch.isfinite(g2[n]).all(), n
+        assert torch.equal(g1[n], g2[n]), n
+
+
+@pytest.mark.parametrize("name", ["vec2", "seq3_unequal", "seq3_aligned"])
+def test_all_absent_batch_is_finite(name):
+    ds = data(name)
+    model = build(ds).train()
+    b = ds.batch(torch.arange(4), torch.zeros(4, ds.num_modalities, dtype=torch.bool))
+    b.inputs.update({m: torch.full_like(x, float("nan")) for m, x in b.inputs.items()})
+    out = run(model, b, "stage2")
+    assert torch.isfinite(out.output).all() and torch.isfinite(out.loss)
+    assert not out.extras["available"].any()
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------- translation wiring
+
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+def test_absent_latent_is_the_combination_of_translations(combine):
+    """At test time an absent modality's latent is the sum/mean of the translations from the
+    present ones (time-pooled latents for unaligned data)."""
+    ds = data("seq3_unequal")
+    model = build(ds, combine=combine).eval()
+    b = ds.batch(torch.arange(6), torch.tensor([[1, 1, 0]] * 3 + [[1, 0, 0]] * 3, dtype=torch.bool))
+    with torch.no_grad():
+        out = model(b.inputs, b.present, padding=b.padding)
+        rec = out.extras["reconstructed"]                               # (3, B, 1, D)
+        pooled = []
+        for i, m in enumerate(ds.modalities):
+            z, pad = out.extras["latents"][m], b.padding[m] | ~b.present[:, i, None]
+            pooled.append((z * ~pad[..., None]).sum(1, keepdim=True)
+                          / (~pad).sum(1).clamp(min=1)[:, None, None])
+        tr = model.cycle.translator
+        want = tr.translate(pooled[0], 0, 2) + torch.where(
+            b.present[:, 1, None, None], tr.translate(pooled[1], 1, 2), 0.0)
+        if combine == "mean":
+            want = want / b.present[:, :2].sum(1)[:, None, None]
+        torch.testing.assert_close(rec[2], want)
+    assert out.extras["available"].all()  # vision rebuilt from text (and audio)
+
+
+def test_translate_false_is_the_zero_fill_ablation():
+    ds = data("vec6")
+    model = build(ds, translate=False).train()
+    assert model.cycle is None
+    b = ds.batch(torch.arange(10), present_mask(10, 6))
+    out = run(model, b, "stage2")
+    assert list(out.losses) == ["task", "label_ib", "ib"]
+    assert torch.equal(out.extras["available"], b.present)
+    assert out.extras["reconstructed"] is None and out.extras["substitution"] == {}
+
+
+# ---------------------------------------------------------------- backends
+
+def _step(model, b, backend):
+    model.zero_grad(set_to_none=True)
+    before = {op: _backend.backend_calls[(op, backend)]
+              for op in ("masked_attention", "reparam_kl", "cycle_loss")}
+    with robustmm_fast.use_backend(backend):
+        out = run(model, b, "stage2", seed=5)
+        out.loss.backward()
+    for op, n in before.items():
+        assert robustmm_fast.last_backend(op) == backend, op
+        assert _backend.backend_calls[(op, backend)] > n, f"{op} never ran on {backend}"
+    return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["vec6", "seq3_unequal", "seq3_aligned"])
+def test_fused_and_reference_backends_agree_on_a_training_step(name, mode):
+    """One stage-2 step (forward + backward) in float64 on the cpp and reference backends, the
+    same seed on both. eval: z = mu, the same computation up to float64 rounding (tight
+    tolerances). train: sampled latents and the stage-2 draws; the in-kernel noise is the same
+    Philox stream on both backends (keyed by a seed drawn from torch's generator), but its
+    normals are float32 on both, with Box-Muller rounded differently (C++ vs torch math), so
+    eps agrees to float32 precision (~1e-7 relative, as test_reparam_kl's 1e-5 tolerance)."""
+    require_cpp("masked_attention")
+    ds = data(name)
+    model = build(ds, **NO_DROPOUT).double().train(mode == "train")
+    b = ds.batch(torch.arange(12), present_mask(12, ds.num_modalities))
+    b.inputs.update({m: x.double() for m, x in b.inputs.items()})
+    ref, g_ref = _step(model, b, "reference")
+    cpp, g_cpp = _step(model, b, "cpp")
+    tol = dict(rtol=1e-9, atol=1e-11) if mode == "eval" else dict(rtol=1e-5, atol=1e-7)
+    assert ref.extras["substitution"] == cpp.extras["substitution"]
+    assert (ref.extras["substitution"] != {}) == (mode == "train")
+    assert list(cpp.losses) == list(ref.losses) == ["task", "label_ib", "ib", "translation"]
+    for k in ref.losses:
+        torch.testing.assert_close(cpp.losses[k], ref.losses[k], **tol)
+    torch.testing.assert_close(cpp.output, ref.output, **tol)
+    assert g_ref.keys() == g_cpp.keys() and len(g_ref) > 0
+    for k in g_ref:
+        torch.testing.assert_close(g_cpp[k], g_ref[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------- stages
+
+def test_recipe_stages_and_selection():
+    r = CyINRecipe({"epochs": 30, "stage_divide": 0.1})
+    assert r.stage1_epochs == 3
+    assert [r.stage(e) for e in (0, 2, 3, 29)] == ["stage1", "stage1", "stage2", "stage2"]
+    assert [r.selects(e) for e in (0, 2, 3, 29)] == [False, False, True, True]
+    assert CyINRecipe({"epochs": 2, "stage_divide": 0.9}).stage1_epochs == 1  # >= 1 stage-2 epoch
+    assert CyINRecipe({"epochs": 1, "stage_divide": 0.5}).stage(0) == "stage2"
+    assert CyINRecipe({"epochs": 5, "stage_divide": 0.0}).stage(0) == "stage2"
+    with pytest.raises(ValueError, match="stage_divide"):
+        CyINRecipe({"stage_divide": 1.5})
+    with pytest.raises(ValueError, match="stage"):
+        r.train_step(None, None, {}, epoch=0, step=0, stage="unimodal")
+
+
+def test_recipe_step_passes_the_stage():
+    ds = data("vec6")
+    model = build(ds).train()
+    recipe = get_method("cyin").recipe({"epochs": 4, "stage_divide": 0.5})
+    opts = recipe.optimizers(model)
+    b = ds.batch(torch.arange(10), present_mask(10, 6))
+    s1 = recipe.train_step(model, b, opts, epoch=0, step=0, stage=recipe.stage(0))
+    s2 = recipe.train_step(model, b, opts, epoch=2, step=0, stage=recipe.stage(2))
+    assert "translation" not in s1 and s2["translation"] > 0
+    assert s2["loss"] == pytest.approx(sum(v for k, v in s2.items() if k != "loss"), rel=1e-5)
+
+
+def test_stage2_substitution_draws():
+    ds = data("vec6")
+    model = build(ds).train()
+    b = ds.batch(torch.arange(10))  # complete: every draw can take effect
+    draws = [tuple(run(model, b, "stage2", seed=s).extras["substitution"].items())
+             for s in range(6)]
+    assert all(dict(d).keys() == set(ds.modalities) for d in draws)
+    options = {"real", "combination", *ds.modalities}
+    assert all(v in options and v != m for d in draws for m, v in d if v not in ("real",))
+    assert len(set(draws)) > 1  # they differ across calls
+    assert run(model, b, "stage2", seed=1).extras["substitution"] == \
+        run(model, b, "stage2", seed=1).extras["substitution"]  # torch's global RNG
+    # no substitution in stage 1, nor at test time
+    assert run(model, b, "stage1").extras["substitution"] == {}
+    assert model.eval()(b.inputs, b.present, stage="stage2").extras["substitution"] == {}
+    # a substituted latent changes the output (all present, so only the draws differ)
+    model.train()
+    outs = [run(model, b, "stage2", seed=s).output for s in range(3)]
+    assert not torch.equal(outs[0], outs[1]) or not torch.equal(outs[0], outs[2])
+
+
+def test_stochastic_test_option():
+    ds = data("vec2")
+    b = ds.batch(torch.arange(8))
+    det = build(ds).eval()
+    assert torch.equal(det(b.inputs, b.present).output, det(b.inputs, b.present).output)
+    sto = build(ds, stochastic_test=True).eval()
+    assert not torch.equal(sto(b.inputs, b.present).output, sto(b.inputs, b.present).output)
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_round_trip_and_official_flag():
+    method = get_method("cyin")
+    ds = make_data(HW6)
+    for preset in (None, "handwritten", "mosi"):
+        cfg = method.config(preset)
+        again = json.loads(json.dumps(cfg))
+        assert again == cfg
+        a, b = method.build(ds, cfg), method.build(ds, again)
+        assert {k: v.shape for k, v in a.state_dict().items()} == \
+            {k: v.shape for k, v in b.state_dict().items()}
+        method.recipe(again)
+    mosi = default_config("cyin", "mosi")
+    assert {k: mosi[k] for k in ("epochs", "stage_divide", "batch_size", "lr", "common_dim",
+                                 "ib_inter_dim", "ib_dim", "eta", "translator_widths",
+                                 "translator_blocks", "lam", "mult_layers", "mult_heads")} == {
+        "epochs": 30, "stage_divide": 0.1, "batch_size": 128, "lr": 5e-4, "common_dim": 256,
+        "ib_inter_dim": 256, "ib_dim": 128, "eta": 16.0, "translator_widths": [64, 32, 16],
+        "translator_blocks": 8, "lam": 10.0, "mult_layers": 2, "mult_heads": 8}
+    ours = method.build(ds, SMALL)
+    official = method.build(ds, {**SMALL, "official": True})
+    assert (ours.decoder_sigmoid, ours.combine, ours.stochastic_test) == (False, "mean", False)
+    assert (official.decoder_sigmoid, official.combine, official.stochastic_test) == \
+        tuple(OFFICIAL_QUIRKS.values())
+    assert isinstance(official.decoders["fac"][-1], torch.nn.Sigmoid)
+    assert official.cycle.combine == "sum" and official.ib["fac"].sample_in_eval
+    assert not ours.ib["fac"].sample_in_eval and ours.cycle.combine == "mean"
+    mixed = method.build(ds, {**SMALL, "official": True, "combine": "mean"})  # explicit wins
+    assert mixed.combine == "mean" and mixed.decoder_sigmoid
+    with pytest.raises(ValueError, match="no_such_key"):
+        method.build(ds, {"no_such_key": 1})
+    with pytest.raises(ValueError, match="no_such_key"):
+        method.recipe({"no_such_key": 1})
+    with pytest.raises(ValueError, match="combine"):
+        method.build(ds, {**SMALL, "combine": "max"})
+    with pytest.raises(ValueError, match="at least 2"):
+        CyIN({"a": (1, 3)}, "classification", 3, **SMALL)
+
+
+# ---------------------------------------------------------------- CLI smoke trains
+
+def test_cli_train_on_mmsa_format(tmp_path):
+    path = write_pkl(tmp_path / "unaligned_50.pkl", mmsa_dict(aligned=False))
+    out = tmp_path / "mmsa"
+    sets = [f"{k}={json.dumps(v)}" for k, v in SMALL.items()]
+    args = ["train", "--method", "cyin", "--data", f"mmsa:{path}", "--seeds", "1111",
+            "--out", str(out), "--no-progress", "--protocol", "complete+eta:0.5",
+            "--set", "epochs=2", "--set", "batch_size=2", "--set", "stage_divide=0.5"]
+    for s in sets:
+        args += ["--set", s]
+    assert cli.main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    points = result["per_seed"]["cyin"]["1111"]
+    assert set(points) == {"complete", "eta:0.5"}
+    assert all(v["MAE"] == v["MAE"] for v in points.values())  # finite, not NaN
+
+
+def test_cli_train_on_handwritten(tmp_path):
+    out = tmp_path / "hw"
+    assert cli.main(["train", "--method", "cyin", "--seeds", "1111", "--out", str(out),
+                     "--no-progress", "--protocol", "complete+eta:0.5", "--set", "epochs=2",
+                     "--set", "stage_divide=0.5"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    acc = result["per_seed"]["cyin"]["1111"]
+    assert acc["complete"]["accuracy"] > 0.5  # 2 epochs already learn most of it
+    best = load_best(out / "cyin" / "seed-1111" / "best.pt")
+    history = best["history"]
+    assert [h["stage"] for h in history] == ["stage1", "stage2"]
+    assert "translation" not in history[0]["train"] and history[1]["train"]["translation"] > 0
+    assert not history[0]["selected"] and history[1]["selected"]  # stage 1 is never selected

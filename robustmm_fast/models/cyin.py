@@ -105,8 +105,9 @@ class CyIN(MultimodalModel):
     "stage1" or "stage2" (the recipe passes it). extras: "latents" {m: z_m (B, L_m, D)} (rows
     of absent samples are 0), "reconstructed" (M, B, T, D) CycleConsistency's latents (T = L
     when all lengths are equal, else 1; None when not computed), "available" (B, M) the
-    modalities fusion used, "substitution" {m: "real" | "combination" | source name} (stage-2
-    training only).
+    modalities fusion used, "substitution" the stage-2 draws (M,) int64 (0 the real latent,
+    1 the combination, 2 + j the translation from the j-th other modality; None outside
+    stage-2 training; `describe_substitution` names them).
     """
 
     def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0, *,
@@ -258,13 +259,14 @@ class CyIN(MultimodalModel):
         return seq, pad
 
     def _substitute(self, zt: Tensor, present: Tensor, token_mask: Optional[Tensor]):
-        """Stage-2 draws: {n: (choice name, (B, T, D) latent, (B,) where to use it)}."""
+        """Stage-2 draws, as tensors (no Python value depends on them, so torch.compile keeps
+        one graph): (draws (M,) int64: 0 the real latent, 1 the combination, 2 + j the
+        translation from the j-th other modality; latents (M, B, T, D) to use instead of the
+        real ones where `use` (M, B) is True)."""
         M = len(self.names)
         cycle = self.cycle
-        draws = torch.randint(0, M + 1, (M,)).tolist()                      # torch's global RNG
+        draws = torch.randint(0, M + 1, (M,)).to(zt.device)                # torch's global RNG
         on = present.t()                                                    # (M, B)
-        if not any(draws):  # every modality keeps its real latent: no translation needed
-            return {m: ("real", None, on[0] & False) for m in self.names}
         tail = (1,) * (zt.dim() - 2)
         keep = on.view(M, -1, *tail)
         if token_mask is not None:
@@ -277,19 +279,33 @@ class CyIN(MultimodalModel):
         count = torch.zeros_like(on, dtype=z.dtype).index_add(0, cycle.dst, src_on.to(z.dtype))
         if self.combine == "mean":
             total = total / count.clamp_min(1).view(M, -1, *tail)
-        pair = {p: i for i, p in enumerate(cycle.pairs)}
+        source, pair = self._draw_tables(zt.device)                         # (M, M + 1) each
+        rows = torch.arange(M, device=zt.device)
+        k = source[rows, draws]                                             # (M,) drawn source
+        translated = fwd.index_select(0, pair[rows, draws])                 # (M, B, T, D)
+        k_on = on.index_select(0, k).view(M, -1, *tail)
+        from_k = (draws >= 2).view(M, 1, *tail) & k_on   # the drawn source, where it is present
+        latents = torch.where(from_k, translated, total)
+        use = (draws > 0).view(M, 1) & on & (count > 0)      # present, with a source to draw from
+        return draws, latents, use
+
+    def _draw_tables(self, device) -> tuple[Tensor, Tensor]:
+        """source[n, d]: the modality draw d takes modality n's latent from (n itself for
+        d < 2); pair[n, d]: the translator row k -> n of that draw (0 for d < 2)."""
+        M = len(self.names)
+        index = {p: i for i, p in enumerate(self.cycle.pairs)}
+        source = [[n, n] + [k for k in range(M) if k != n] for n in range(M)]
+        pair = [[0, 0] + [index[(k, n)] for k in range(M) if k != n] for n in range(M)]
+        return (torch.tensor(source, device=device), torch.tensor(pair, device=device))
+
+    def describe_substitution(self, draws: Optional[Tensor]) -> dict[str, str]:
+        """{modality: "real" | "combination" | the source modality} of extras["substitution"]."""
+        if draws is None:
+            return {}
         out = {}
-        for n, d in enumerate(draws):
-            use = on[n] & (count[n] > 0)                                    # present, a source too
-            others = [k for k in range(M) if k != n]
-            if d == 0:
-                out[self.names[n]] = ("real", None, torch.zeros_like(use))
-            elif d == 1:
-                out[self.names[n]] = ("combination", total[n], use)
-            else:
-                k = others[d - 2]
-                t = torch.where(on[k].view(-1, *tail), fwd[pair[(k, n)]], total[n])
-                out[self.names[n]] = (self.names[k], t, use)
+        for n, d in enumerate(draws.tolist()):
+            others = [k for k in self.names if k != self.names[n]]
+            out[self.names[n]] = "real" if d == 0 else "combination" if d == 1 else others[d - 2]
         return out
 
     # ------------------------------------------------------------------ forward
@@ -305,8 +321,12 @@ class CyIN(MultimodalModel):
         xs, zs, kls, valid = self.encode(inputs, present, padding)
 
         # ---- translation: losses (stage 2), reconstructions of absent modalities
-        cyc, token_mask, zt, subs = None, None, None, {}
-        translating = self.translate and (stage == "stage2" or not bool(present.all()))
+        cyc, token_mask, subs = None, None, None
+        # complete inputs need no reconstruction outside stage 2; under torch.compile translate
+        # anyway (the same result: reconstructed[n] = z_n where n is present) rather than
+        # branch on the data
+        translating = self.translate and (stage == "stage2" or torch.compiler.is_compiling()
+                                          or not bool(present.all()))
         if translating:
             zt, token_mask = self._translation_space(zs, valid, present)
             cyc = self.cycle(zt, present, token_mask)
@@ -323,9 +343,9 @@ class CyIN(MultimodalModel):
             if cyc is not None:
                 absent = ~present[:, i] & available[:, i]                     # (B,) reconstructed
                 t, t_pad = self._place(cyc.reconstructed[i], L, token_mask)
-                if m in subs and subs[m][1] is not None:
-                    s, s_pad = self._place(subs[m][1], L, token_mask)
-                    use = subs[m][2]
+                if subs is not None:
+                    s, s_pad = self._place(subs[1][i], L, token_mask)
+                    use = subs[2][i]                                          # (B,)
                     lat = torch.where(use.view(-1, 1, 1), s, lat)
                     pad = torch.where(use.view(-1, 1), s_pad, pad)
                 lat = torch.where(absent.view(-1, 1, 1), t, lat)
@@ -345,7 +365,7 @@ class CyIN(MultimodalModel):
         out = ModelOutput(**self.head_output(self.out_layer(h)), extras={
             "latents": zs, "available": available,
             "reconstructed": None if cyc is None else cyc.reconstructed,
-            "substitution": {m: v[0] for m, v in subs.items()}})
+            "substitution": None if subs is None else subs[0]})
         if labels is None:
             return out
         losses = {"task": task_loss(out.output, labels, self.task, self.regression_loss)}

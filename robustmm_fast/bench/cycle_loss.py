@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
 from ..ops.cycle_loss import cycle_reconstruction_loss
 from ..reference.cycle_loss import COSINE_EPS
 from ..reference.cycle_loss import cycle_reconstruction_loss as reference
-from .runner import Case, Impl
+from .runner import Case, Impl, compiled, on_backend
 
 SHAPES = ((9, 64, 50, 128), (3, 256, 1, 1024))
 DISTANCES = ("mse", "l1", "smooth_l1", "cosine")
@@ -94,18 +93,13 @@ def _closures(fn, case, device):
 
 def _ours(backend: str):
     def make(case, device):
-        if _backend._unavailable_reason(backend, device, "cycle_loss") is not None:
-            return None
-        def fn(*args, **kwargs):
-            with _backend.use_backend(backend):
-                return cycle_reconstruction_loss(*args, **kwargs)
-        return _closures(fn, case, device)
+        fn = on_backend(cycle_reconstruction_loss, "cycle_loss", backend, device)
+        return None if fn is None else _closures(fn, case, device)
     return make
 
 
 def _compiled(case, device):
-    torch._dynamo.reset()  # one compiled graph per shape, as a model with fixed shapes gets
-    return _closures(torch.compile(reference, dynamic=False), case, device)
+    return _closures(compiled(reference), case, device)
 
 
 def _functional(forward_pred, target, cycle_pred, source, *, mask=None, distance="mse",

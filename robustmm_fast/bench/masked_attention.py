@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
 from ..ops.masked_attention import masked_cross_attention
 from ..reference.masked_attention import key_keep_mask
 from ..reference.masked_attention import masked_cross_attention as reference
-from .runner import Case, Impl
+from .runner import Case, Impl, compiled, on_backend
 
 # (B, H, Lq, key_lengths, d)
 SHAPES = ((64, 8, 50, (50, 50, 50), 32), (64, 8, 50, (50, 50, 50), 64),
@@ -73,18 +72,13 @@ def _closures(fn, case, device):
 
 def _ours(backend: str):
     def make(case, device):
-        if _backend._unavailable_reason(backend, device, "masked_attention") is not None:
-            return None
-        def fn(*args, **kwargs):
-            with _backend.use_backend(backend):
-                return masked_cross_attention(*args, **kwargs)
-        return _closures(fn, case, device)
+        fn = on_backend(masked_cross_attention, "masked_attention", backend, device)
+        return None if fn is None else _closures(fn, case, device)
     return make
 
 
 def _compiled(case, device):
-    torch._dynamo.reset()
-    return _closures(torch.compile(reference, dynamic=False), case, device)
+    return _closures(compiled(reference), case, device)
 
 
 def _sdpa(q, k, v, *, present, key_lengths):
@@ -101,8 +95,7 @@ def _flex(case, device):
     keep = key_keep_mask(q.shape[0], k.shape[2], present, lengths, None, q.device)
     block_mask = create_block_mask(lambda b, h, i, j: keep[b, j], q.shape[0], None,
                                    q.shape[2], k.shape[2], device=str(device))
-    torch._dynamo.reset()
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = compiled(flex_attention)
 
     def forward():
         with torch.no_grad():

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
 from ..ops.reparam_kl import reparameterize_kl
 from ..reference.reparam_kl import reparameterize_kl as reference
-from .runner import Case, Impl
+from .runner import Case, Impl, compiled, on_backend
 
 SHAPES = ((64, 50, 128), (256, 50, 1024), (4096, 256))
 EPS_MODES = ("in-kernel", "given")
@@ -71,18 +70,13 @@ def _closures(fn, case, device):
 
 def _ours(backend: str):
     def make(case, device):
-        if _backend._unavailable_reason(backend, device, "reparam_kl") is not None:
-            return None
-        def fn(*args, **kwargs):
-            with _backend.use_backend(backend):
-                return reparameterize_kl(*args, **kwargs)
-        return _closures(fn, case, device)
+        fn = on_backend(reparameterize_kl, "reparam_kl", backend, device)
+        return None if fn is None else _closures(fn, case, device)
     return make
 
 
 def _compiled(case, device):
-    torch._dynamo.reset()  # one compiled graph per shape, as a model with fixed shapes gets
-    return _closures(torch.compile(reference, dynamic=False), case, device)
+    return _closures(compiled(reference), case, device)
 
 
 def _distributions(mu, logvar, *, eps=None, reduction=REDUCTION):

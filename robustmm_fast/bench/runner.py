@@ -32,6 +32,26 @@ class Impl:
     make: Callable
 
 
+def on_backend(op_fn: Callable, op: str, backend: str, device: torch.device) -> Callable | None:
+    """`op_fn` run on `backend` (every call inside use_backend), or None where that backend
+    cannot run `op` on `device` (the implementation is then skipped)."""
+    from .. import _backend
+    if _backend._unavailable_reason(backend, device, op) is not None:
+        return None
+
+    def fn(*args, **kwargs):
+        with _backend.use_backend(backend):
+            return op_fn(*args, **kwargs)
+    return fn
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn) with a fresh dynamo cache: one graph per case, as a model with fixed
+    shapes gets."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
 @dataclass
 class Case:
     """One measured configuration. bytes_fwd / bytes_fwd_bwd: the bytes a fused implementation

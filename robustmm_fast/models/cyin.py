@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from ..nn.cross_modal_transformer import CrossModalTransformer
 from ..nn.cycle_consistency import COMBINES, CycleConsistency
 from ..nn.gaussian_bottleneck import GaussianBottleneck
-from ..train.recipe import Recipe, check_finite
+from ..train.recipe import Recipe
 from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
 from .encoders import masked_mean
 from .late_fusion import masked_task_loss
@@ -429,14 +429,4 @@ class CyINRecipe(Recipe):
             raise ValueError(f"CyIN stage must be one of {STAGES}, got {stage!r}")
         out = model(batch.inputs, batch.present, labels=batch.labels, padding=batch.padding,
                     stage=stage)
-        check_finite(out.losses, epoch=epoch, step=step)
-        loss = out.loss
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-        for opt in optimizers.values():
-            opt.step()
-        return {"loss": float(loss.detach()),
-                **{k: float(v.detach()) for k, v in out.losses.items()}}
+        return self.optimize(model, out, optimizers, epoch=epoch, step=step)

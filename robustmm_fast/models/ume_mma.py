@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..train.recipe import Recipe, check_finite
+from ..train.recipe import Recipe
 from .late_fusion import LateFusion
 
 __all__ = ["UMEMMA", "UMEMMARecipe", "STAGES"]
@@ -89,16 +89,8 @@ class UMEMMARecipe(Recipe):
         _check_stage(stage)
         out = model(batch.inputs, batch.present, labels=batch.labels, padding=batch.padding,
                     stage=stage)
-        check_finite(out.losses, epoch=epoch, step=step)
-        loss = out.loss
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-        optimizers[stage].step()
-        return {"loss": float(loss.detach()),
-                **{k: float(v.detach()) for k, v in out.losses.items()}}
+        return self.optimize(model, out, optimizers, epoch=epoch, step=step,
+                             stepping=[optimizers[stage]])
 
 
 def _check_stage(stage: str) -> None:

@@ -81,6 +81,12 @@ class Recipe:
                    stage: str) -> dict[str, float]:
         """Forward, loss check, backward, optimizer step; returns the logged terms."""
         out = model(batch.inputs, batch.present, labels=batch.labels, padding=batch.padding)
+        return self.optimize(model, out, optimizers, epoch=epoch, step=step)
+
+    def optimize(self, model: nn.Module, out, optimizers: dict, *, epoch: int, step: int,
+                 stepping: Optional[list] = None) -> dict[str, float]:
+        """The step after a forward: loss check, backward, clipping, and a step of `stepping`
+        (default every optimizer); returns the logged terms."""
         check_finite(out.losses, epoch=epoch, step=step)
         loss = out.loss
         for opt in optimizers.values():
@@ -88,7 +94,7 @@ class Recipe:
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-        for opt in optimizers.values():
+        for opt in (optimizers.values() if stepping is None else stepping):
             opt.step()
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in out.losses.items()}}
 

@@ -1,0 +1,230 @@
+"""DMRNet (models/dmrnet.py): shapes and finite loss terms, absent inputs (NaN) inert, fused vs
+reference backend on one eval-mode step (z = mu), the recipe's combination sampling, warm-up
+accumulation and hard set, the variance mechanism on synthetic data with a weak and a strong
+modality, and a CLI smoke train on Handwritten."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import robustmm_fast
+from robustmm_fast import _backend, cli
+from robustmm_fast.data import make_synthetic
+from robustmm_fast.models import DMRNet, DMRNetRecipe
+from robustmm_fast.models.dmrnet import combination_codes
+from robustmm_fast.models.registry import default_config, get_method
+from robustmm_fast.train import fit
+
+SMALL = {"hidden": 16, "latent_dim": 8, "dropout": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids oversubscribing a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data(M=3, task="classification", n=48, seq=False):
+    shapes = {m: ((4 if seq else 1), 6) for m in "abc"[:M]}
+    return make_synthetic(num_samples=n, modalities=shapes, task=task, num_classes=3,
+                          random_lengths=seq, seed=0)
+
+
+def build(ds, **over) -> DMRNet:
+    torch.manual_seed(0)
+    return get_method("dmrnet").build(ds, {**SMALL, **over})
+
+
+def present_mask(n, m, seed=1):
+    p = torch.rand(n, m, generator=torch.Generator().manual_seed(seed)) > 0.4
+    p[0], p[1], p[2] = False, True, False
+    p[2, m - 1] = True
+    return p
+
+
+def run(model, b, seed=0, **kw):
+    torch.manual_seed(seed)
+    return model(b.inputs, b.present, labels=b.labels, padding=b.padding, **kw)
+
+
+@pytest.mark.parametrize("task,seq", [("classification", False), ("regression", True)])
+def test_shapes_and_finite_losses(task, seq):
+    ds = data(3, task, seq=seq)
+    model = build(ds).train()
+    b = ds.batch(torch.arange(16), present_mask(16, 3))
+    hard = torch.zeros(8, dtype=torch.bool)
+    hard[[1, 6]] = True
+    out = run(model, b, stage="hard", hard=hard)
+    assert out.output.shape == ((16, 3) if task == "classification" else (16,))
+    assert list(out.losses) == ["task", "kl", "hard"]
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert out.losses["kl"] > 0 and out.losses["hard"] > 0
+    assert torch.equal(out.extras["combination"], combination_codes(b.present))
+    assert out.extras["variance"].shape == (16,) and (out.extras["variance"] > 0).all()
+    out.loss.backward()
+    # no hard sample in the batch: the hard term is exactly 0
+    none = run(model, b, stage="hard", hard=torch.zeros(8, dtype=torch.bool))
+    assert none.losses["hard"] == 0
+    assert "hard" not in run(model, b, stage="warmup").losses
+    with pytest.raises(ValueError, match="hard"):
+        run(model, b, hard=torch.zeros(4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_absent_inputs_never_reach_output_or_gradients(mode):
+    ds = data(3, seq=True)
+    model = build(ds).train(mode == "train")
+    p = present_mask(16, 3)
+    results = []
+    for fill in (0.0, float("nan")):
+        b = ds.batch(torch.arange(16), p)
+        for i, m in enumerate(b.inputs):
+            x = b.inputs[m].clone()
+            x[~p[:, i]] = fill
+            b.inputs[m] = x
+        model.zero_grad(set_to_none=True)
+        out = run(model, b, seed=3, stage="hard", hard=torch.ones(8, dtype=torch.bool))
+        out.loss.backward()
+        results.append((out.output.detach(), out.loss.detach(),
+                        {k: q.grad.clone() for k, q in model.named_parameters()
+                         if q.grad is not None}))
+    (o0, l0, g0), (o1, l1, g1) = results
+    assert torch.isfinite(o1).all() and torch.equal(o0, o1) and torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_fused_and_reference_backends_agree_in_eval_mode():
+    """eval: z = mu, the same computation on both backends up to float64 rounding."""
+    ds = data(3)
+    model = build(ds).double().eval()
+    b = ds.batch(torch.arange(16), present_mask(16, 3))
+    b.inputs.update({m: x.double() for m, x in b.inputs.items()})
+    outs = {}
+    for backend in ("reference", "cpp"):
+        before = _backend.backend_calls[("reparam_kl", backend)]
+        with robustmm_fast.use_backend(backend):
+            outs[backend] = run(model, b, stage="hard", hard=torch.ones(8, dtype=torch.bool))
+        if backend == "cpp" and _backend.backend_calls[("reparam_kl", "cpp")] == before:
+            pytest.skip("the cpp reparam_kl backend is not available")
+        assert robustmm_fast.last_backend("reparam_kl") == backend
+    ref, cpp = outs["reference"], outs["cpp"]
+    for k in ref.losses:
+        torch.testing.assert_close(cpp.losses[k], ref.losses[k], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(cpp.output, ref.output, rtol=1e-9, atol=1e-11)
+
+
+def test_augment_draws_uniform_nonempty_combinations():
+    r = DMRNetRecipe({"epochs": 2})
+    g = torch.Generator().manual_seed(0)
+    full = torch.ones(7000, 3, dtype=torch.bool)
+    out = r.augment(full, epoch=0, stage="warmup", generator=g)
+    counts = torch.bincount(combination_codes(out), minlength=8)
+    assert counts[0] == 0 and ((counts[1:] - 1000).abs() < 150).all()    # 1000 +- ~4.5 sigma
+    part = present_mask(200, 3)
+    out = r.augment(part, epoch=0, stage="warmup", generator=g)
+    assert not (out & ~part).any()                       # never adds a modality
+    assert torch.equal(out.any(1), part.any(1))          # keeps >= 1 where any was present
+    off = DMRNetRecipe({"sample_combinations": False})
+    assert torch.equal(off.augment(part, epoch=0, stage="warmup", generator=g), part)
+
+
+def test_recipe_warmup_then_hard_set():
+    r = DMRNetRecipe({"epochs": 5, "warmup_epochs": 2, "hard_k": 1})
+    assert [r.stage(e) for e in range(5)] == ["warmup"] * 2 + ["hard"] * 3
+    ds = data(2, n=64)
+    model = build(ds)
+    opts = r.optimizers(model)
+    for epoch in range(3):
+        stage = r.stage(epoch)
+        for step in range(2):
+            b = ds.batch(torch.arange(16 * step, 16 * step + 16), ds.batch(torch.arange(16)).present)
+            b.present = r.augment(b.present, epoch=epoch, stage=stage,
+                                  generator=torch.Generator().manual_seed(epoch * 10 + step))
+            logged = r.train_step(model, b, opts, epoch=epoch, step=step, stage=stage)
+            assert ("hard" in logged) == (stage == "hard")
+        if epoch == 0:
+            r.on_epoch_end(model, epoch, stage)
+            assert r.hard is None and r.var_count.sum() == 32
+        else:
+            r.on_epoch_end(model, epoch, stage)
+    assert r.var_count.sum() == 64                       # the hard epoch adds nothing
+    mean = r.mean_variance()
+    assert r.hard.shape == (4,) and r.hard.sum() == 1
+    assert int(r.hard.nonzero()) == (1 if mean[1] > mean[2] else 2)   # unimodal candidates
+    state = r.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    r2 = DMRNetRecipe({"epochs": 5, "warmup_epochs": 2})
+    r2.load_state_dict(state)
+    assert torch.equal(r2.hard, r.hard)
+    # "all" candidates and top-k
+    s, c = torch.tensor([0.0, 1.0, 4.0, 9.0]), torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert DMRNetRecipe.hard_set(s, c, 1, unimodal=False).tolist() == [False, False, False, True]
+    assert DMRNetRecipe.hard_set(s, c, 1).tolist() == [False, False, True, False]
+    assert DMRNetRecipe.hard_set(s, c, 5).tolist() == [False, True, True, False]
+    with pytest.raises(ValueError, match="hard_candidates"):
+        DMRNetRecipe({"hard_candidates": "some"})
+    with pytest.raises(ValueError, match="stage"):
+        r.train_step(model, b, opts, epoch=0, step=0, stage="main")
+
+
+def test_config_round_trip():
+    cfg = default_config("dmrnet", "handwritten")
+    assert cfg["kl_weight"] == 1e-3 and cfg["beta"] == 0.2 and cfg["warmup_epochs"] == 5
+    assert cfg["hard_k"] == 1
+    with pytest.raises(ValueError, match="unknown"):
+        get_method("dmrnet").config(None, {"gamma": 1})
+
+
+# ---------------------------------------------------------------- mechanism
+MECH_SEEDS = (0, 1, 2)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "NOT ESTABLISHED (issue 7 helper): with kl_weight 1e-3 and 6 warm-up epochs the order of "
+    "weak/strong mean variance was mixed over seeds 0-3 (M=2: 1.51/1.61, 1.49/1.49, 1.55/1.50, "
+    "1.32/1.67 strong/weak); with kl_weight 1e-2 and 10 warm-up epochs the STRONG-only "
+    "combination had the larger variance in 8/8 runs (M=2: 1.64/1.32, 1.58/1.25, 1.62/1.26, "
+    "1.53/1.33). The claimed direction is not reproduced by this implementation yet."))
+@pytest.mark.parametrize("seed", MECH_SEEDS)
+def test_weak_modality_has_the_larger_variance_and_is_hard(seed):
+    """One strong (noise 0.1) and one weak (noise 3.0) view of the same label factor; after
+    the warm-up the weak-only combination's mean predicted variance exceeds the strong-only
+    one's and the hard set is {weak}. Margins observed: see MECH_NOTE below."""
+    mods = {"strong": (1, 16), "weak": (1, 16)}
+    ds = make_synthetic(num_samples=600, modalities=mods, noise={"strong": 0.1, "weak": 3.0},
+                        specific=0.0, task="classification", num_classes=2, seed=seed)
+    method = get_method("dmrnet")
+    cfg = method.config(None, MECH_CONFIG)
+    recipe = method.recipe(cfg)
+    fit(None, ds, config=cfg, seed=seed, progress=False,
+        model=lambda d, c: method.build(d, cfg), recipe=recipe)
+    mean = recipe.mean_variance()
+    strong, weak = float(mean[1]), float(mean[2])
+    assert weak > strong * MECH_RATIO, (strong, weak)
+    assert recipe.hard.nonzero().flatten().tolist() == [2]
+
+
+MECH_CONFIG = {"epochs": 11, "warmup_epochs": 10, "hidden": 32, "latent_dim": 16,
+               "batch_size": 64, "lr": 2e-3, "dropout": 0.0}
+MECH_RATIO = 1.0
+
+
+# ---------------------------------------------------------------- CLI smoke train
+
+def test_cli_train_on_handwritten(tmp_path):
+    out = tmp_path / "hw"
+    assert cli.main(["train", "--method", "dmrnet", "--seeds", "1111", "--out", str(out),
+                     "--no-progress", "--protocol", "complete+eta:0.5", "--set", "epochs=2",
+                     "--set", "warmup_epochs=1"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    acc = result["per_seed"]["dmrnet"]["1111"]
+    assert acc["complete"]["accuracy"] > 0.5
+    from robustmm_fast.train.checkpoint import load_best
+    history = load_best(out / "dmrnet" / "seed-1111" / "best.pt")["history"]
+    assert [h["stage"] for h in history] == ["warmup", "hard"]
+    assert "hard" not in history[0]["train"] and "hard" in history[1]["train"]

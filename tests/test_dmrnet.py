@@ -17,6 +17,9 @@ from robustmm_fast.models.dmrnet import combination_codes
 from robustmm_fast.models.registry import default_config, get_method
 from robustmm_fast.train import fit
 
+from conftest import require_cpp
+from test_data import mmsa_dict, write_pkl
+
 SMALL = {"hidden": 16, "latent_dim": 8, "dropout": 0.0}
 
 
@@ -98,24 +101,89 @@ def test_absent_inputs_never_reach_output_or_gradients(mode):
     assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
-def test_fused_and_reference_backends_agree_in_eval_mode():
-    """eval: z = mu, the same computation on both backends up to float64 rounding."""
+def test_losses_restated():
+    """task, kl and hard recomputed from the model's own mu/logvar/output: the KL summed over
+    dims and averaged over the rows with a modality, and the hard term beta * (sum of the hard
+    rows' task loss) / (rows with a modality) -- the official normalisation."""
     ds = data(3)
-    model = build(ds).double().eval()
+    model = build(ds, beta=0.3, kl_weight=0.01).train()
+    b = ds.batch(torch.arange(16), present_mask(16, 3))
+    hard = torch.zeros(8, dtype=torch.bool)
+    hard[[1, 6]] = True                                  # {a} and {b, c}
+    out = run(model, b, stage="hard", hard=hard)
+    mu, logvar = out.extras["mu"].double(), out.extras["logvar"].double()
+    rows = b.present.any(1)
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
+    torch.testing.assert_close(out.losses["kl"].double(), 0.01 * kl[rows].mean(), rtol=1e-5, atol=1e-7)
+    ce = torch.nn.functional.cross_entropy(out.logits.double(), b.labels, reduction="none")
+    torch.testing.assert_close(out.losses["task"].double(), ce.mean(), rtol=1e-5, atol=1e-7)
+    codes = (b.present.long() * torch.tensor([1, 2, 4])).sum(1)
+    is_hard = (codes == 1) | (codes == 6)
+    assert is_hard.any() and not is_hard.all()
+    want = 0.3 * ce[is_hard].sum() / rows.sum()
+    torch.testing.assert_close(out.losses["hard"].double(), want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(out.extras["combination"], codes)
+    torch.testing.assert_close(out.extras["variance"], out.extras["logvar"].exp().mean(1))
+    # no hard row in the batch: the term is 0 (and still part of the graph)
+    none = run(model, b, stage="hard", hard=torch.zeros(8, dtype=torch.bool))
+    assert float(none.losses["hard"].detach()) == 0.0 and none.losses["hard"].requires_grad
+
+
+def test_latent_dim_defaults_to_the_concatenated_width():
+    ds = data(3)
+    model = get_method("dmrnet").build(ds, {"hidden": 16})
+    z = model(**{"inputs": ds.batch(torch.arange(4)).inputs,
+                 "present": torch.ones(4, 3, dtype=torch.bool)}).extras["mu"]
+    assert z.shape == (4, 48)                           # M * hidden, the official code's
+
+
+def _step(model, b, backend, ops):
+    model.zero_grad(set_to_none=True)
+    before = {op: _backend.backend_calls[(op, backend)] for op in ops}
+    with robustmm_fast.use_backend(backend):
+        out = run(model, b, seed=5, stage="hard", hard=torch.ones(8, dtype=torch.bool))
+        out.loss.backward()
+    for op, n in before.items():
+        assert robustmm_fast.last_backend(op) == backend, op
+        assert _backend.backend_calls[(op, backend)] > n, f"{op} never ran on {backend}"
+    return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("seq", [False, True], ids=["vectors", "sequences"])
+def test_fused_and_reference_backends_agree_on_a_training_step(seq, mode):
+    """Forward + backward in float64 on the cpp and reference backends with the same seed:
+    values, every loss and every parameter gradient. eval (z = mu): float64 rounding only.
+    train: the sampled noise is the same Philox stream on both backends but its normals are
+    float32 with Box-Muller rounded differently (C++ vs torch math): ~1e-7 relative, as in
+    test_reparam_kl. Sequences run the transformer encoders, so masked_attention runs too."""
+    ops = ("reparam_kl", "masked_attention") if seq else ("reparam_kl",)
+    for op in ops:
+        require_cpp(op)
+    ds = data(3, seq=seq)
+    model = build(ds, heads=2).double().train(mode == "train")
     b = ds.batch(torch.arange(16), present_mask(16, 3))
     b.inputs.update({m: x.double() for m, x in b.inputs.items()})
-    outs = {}
-    for backend in ("reference", "cpp"):
-        before = _backend.backend_calls[("reparam_kl", backend)]
-        with robustmm_fast.use_backend(backend):
-            outs[backend] = run(model, b, stage="hard", hard=torch.ones(8, dtype=torch.bool))
-        if backend == "cpp" and _backend.backend_calls[("reparam_kl", "cpp")] == before:
-            pytest.skip("the cpp reparam_kl backend is not available")
-        assert robustmm_fast.last_backend("reparam_kl") == backend
-    ref, cpp = outs["reference"], outs["cpp"]
+    ref, g_ref = _step(model, b, "reference", ops)
+    cpp, g_cpp = _step(model, b, "cpp", ops)
+    tol = dict(rtol=1e-9, atol=1e-11) if mode == "eval" else dict(rtol=1e-5, atol=1e-7)
+    assert list(ref.losses) == list(cpp.losses) == ["task", "kl", "hard"]
     for k in ref.losses:
-        torch.testing.assert_close(cpp.losses[k], ref.losses[k], rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(cpp.output, ref.output, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(cpp.losses[k], ref.losses[k], **tol)
+    torch.testing.assert_close(cpp.output, ref.output, **tol)
+    assert g_ref.keys() == g_cpp.keys() and len(g_ref) > 0
+    for k in g_ref:
+        torch.testing.assert_close(g_cpp[k], g_ref[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_official_flag_uses_sgd_with_momentum():
+    ds = data(2)
+    model = build(ds)
+    cfg = get_method("dmrnet").config(None, {"official": True})
+    opt = get_method("dmrnet").recipe(cfg).optimizers(model)["main"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    plain = get_method("dmrnet").recipe(get_method("dmrnet").config()).optimizers(model)["main"]
+    assert isinstance(plain, torch.optim.AdamW)
 
 
 def test_augment_draws_uniform_nonempty_combinations():
@@ -181,37 +249,40 @@ def test_config_round_trip():
 
 
 # ---------------------------------------------------------------- mechanism
-MECH_SEEDS = (0, 1, 2)
+# One strong view (noise std 0.1) and one weak view (noise std 3.0) of the same label factor
+# (make_synthetic, specific=0: either view alone determines the label up to its noise), 10
+# classes, 800 samples, the default DMRNet config (kl 1e-3, 5 warm-up epochs, latent = M *
+# hidden, top-1 unimodal hard set) with small widths, lr 1e-3, no dropout.
+#
+# Observed weak/strong ratio of the warm-up mean variance, seeds 0-7: 1.60 1.33 1.12 1.29 1.29
+# 1.16 1.21 1.42 (weak larger in 8/8). The claim holds only in this regime, which is the one the
+# official code measures in (the first epochs): the weak view's noisier features spread its
+# predicted log-variance more, and exp turns spread into a larger mean. Trained longer the task
+# loss erodes it (2.5x the warm-up steps: weak larger in 5/8 seeds), and with each view
+# standardised (so the noise no longer inflates the weak view's scale) it was weak larger in 2/4
+# seeds (10 classes) and 0/4 (2 classes): the task loss shrinks the variance most where the
+# prediction is least confident (the expected CE of a noisy z grows with the softmax curvature).
+# Threshold: ratio > 1 (the issue's ordering) on the 4 seeds tested; the smallest seen is 1.12.
+MECH_SEEDS = (0, 1, 2, 3)
+MECH_CONFIG = {"epochs": 6, "warmup_epochs": 5, "hidden": 32, "batch_size": 64, "lr": 1e-3,
+               "dropout": 0.0}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "NOT ESTABLISHED (issue 7 helper): with kl_weight 1e-3 and 6 warm-up epochs the order of "
-    "weak/strong mean variance was mixed over seeds 0-3 (M=2: 1.51/1.61, 1.49/1.49, 1.55/1.50, "
-    "1.32/1.67 strong/weak); with kl_weight 1e-2 and 10 warm-up epochs the STRONG-only "
-    "combination had the larger variance in 8/8 runs (M=2: 1.64/1.32, 1.58/1.25, 1.62/1.26, "
-    "1.53/1.33). The claimed direction is not reproduced by this implementation yet."))
 @pytest.mark.parametrize("seed", MECH_SEEDS)
 def test_weak_modality_has_the_larger_variance_and_is_hard(seed):
-    """One strong (noise 0.1) and one weak (noise 3.0) view of the same label factor; after
-    the warm-up the weak-only combination's mean predicted variance exceeds the strong-only
-    one's and the hard set is {weak}. Margins observed: see MECH_NOTE below."""
     mods = {"strong": (1, 16), "weak": (1, 16)}
-    ds = make_synthetic(num_samples=600, modalities=mods, noise={"strong": 0.1, "weak": 3.0},
-                        specific=0.0, task="classification", num_classes=2, seed=seed)
+    ds = make_synthetic(num_samples=800, modalities=mods, noise={"strong": 0.1, "weak": 3.0},
+                        specific=0.0, task="classification", num_classes=10, seed=seed)
     method = get_method("dmrnet")
     cfg = method.config(None, MECH_CONFIG)
+    assert cfg["kl_weight"] == 1e-3 and cfg["latent_dim"] is None and cfg["hard_k"] == 1
     recipe = method.recipe(cfg)
     fit(None, ds, config=cfg, seed=seed, progress=False,
         model=lambda d, c: method.build(d, cfg), recipe=recipe)
-    mean = recipe.mean_variance()
+    mean = recipe.mean_variance()                        # codes: 1 = {strong}, 2 = {weak}
     strong, weak = float(mean[1]), float(mean[2])
-    assert weak > strong * MECH_RATIO, (strong, weak)
+    assert weak > strong, (strong, weak)
     assert recipe.hard.nonzero().flatten().tolist() == [2]
-
-
-MECH_CONFIG = {"epochs": 11, "warmup_epochs": 10, "hidden": 32, "latent_dim": 16,
-               "batch_size": 64, "lr": 2e-3, "dropout": 0.0}
-MECH_RATIO = 1.0
 
 
 # ---------------------------------------------------------------- CLI smoke train
@@ -228,3 +299,17 @@ def test_cli_train_on_handwritten(tmp_path):
     history = load_best(out / "dmrnet" / "seed-1111" / "best.pt")["history"]
     assert [h["stage"] for h in history] == ["warmup", "hard"]
     assert "hard" not in history[0]["train"] and "hard" in history[1]["train"]
+
+
+def test_cli_train_on_mmsa_format(tmp_path):
+    path = write_pkl(tmp_path / "unaligned_50.pkl", mmsa_dict(aligned=False))
+    out = tmp_path / "mmsa"
+    args = ["train", "--method", "dmrnet", "--data", f"mmsa:{path}", "--seeds", "1111",
+            "--out", str(out), "--no-progress", "--protocol", "complete+eta:0.5",
+            "--set", "epochs=2", "--set", "warmup_epochs=1", "--set", "batch_size=2",
+            "--set", "hidden=8", "--set", "heads=2", "--set", "layers=1"]
+    assert cli.main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    points = result["per_seed"]["dmrnet"]["1111"]
+    assert set(points) == {"complete", "eta:0.5"}
+    assert all(v["MAE"] == v["MAE"] for v in points.values())  # finite, not NaN

@@ -11,7 +11,13 @@ modalities:
     y_hat = W_c drop(z) + b_c
     loss  = task(y_hat, y)                                     "task"
           + kl_weight * mean_b sum_d KL(N(mu, e^logvar) || N(0, I))    "kl"
-          + beta * mean_{b: combination(b) hard} task_b(y_hat, y)      "hard" (0 if none)
+          + beta * (1/B') sum_{b: combination(b) hard} task_b(y_hat, y)  "hard"
+
+B' is the number of rows with a modality present: the hard samples' task loss gets the extra
+weight beta on top of their share in "task" (the official code's sum over the weak-only samples
+divided by the batch size), so the term is 0 in a batch without a hard sample.
+latent_dim defaults to the concatenated width M * hidden, as in the official code (whose mu and
+logvar heads are Linear(1024, 1024) on two 512-wide features).
 
 The combination of a sample is the set of its present modalities, coded as the integer
 sum_m present[m] 2^m (1 .. 2^M - 1; 0 = nothing present). `extras["variance"]` (B,) is the
@@ -34,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.gaussian_bottleneck import GaussianBottleneck
-from ..train.recipe import Recipe, check_finite
+from ..train.recipe import Recipe
 from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
 from .encoders import make_encoder
 from .late_fusion import masked_task_loss
@@ -65,7 +71,7 @@ class DMRNet(MultimodalModel):
         modalities, task, num_classes: as MultimodalModel.
         hidden: encoder width per modality. encoder, layers, heads: make_encoder's settings.
         dropout: encoder dropout and dropout before the classifier.
-        latent_dim: size of the probabilistic embedding z.
+        latent_dim: size of the probabilistic embedding z (None: M * hidden, the official code's).
         kl_weight: weight of the KL term (official 1e-3).
         beta: weight of the hard-combination task loss (official scripts 0.2-0.3).
         regression_loss: "l1" or "mse" (regression only).
@@ -77,9 +83,11 @@ class DMRNet(MultimodalModel):
 
     def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0, *,
                  hidden: int = 128, encoder: str = "auto", layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1, latent_dim: int = 64, kl_weight: float = 1e-3,
+                 dropout: float = 0.1, latent_dim: Optional[int] = None, kl_weight: float = 1e-3,
                  beta: float = 0.2, regression_loss: str = "l1"):
         super().__init__(modalities, task, num_classes)
+        if latent_dim is None and isinstance(hidden, int):
+            latent_dim = len(self.modalities) * hidden
         for name, value in (("hidden", hidden), ("latent_dim", latent_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -130,9 +138,11 @@ class DMRNet(MultimodalModel):
             if hard.dtype != torch.bool or hard.shape != (self.num_combinations,):
                 raise ValueError(f"hard must be a bool ({self.num_combinations},) tensor, got "
                                  f"{hard.dtype} {tuple(hard.shape)}")
-            keep = hard.to(codes.device)[codes] & rows
-            losses["hard"] = self.beta * masked_task_loss(out.output, labels, self.task, keep,
-                                                          self.regression_loss)
+            keep = hard.to(codes.device)[codes] & rows                       # (B,)
+            per = masked_task_loss(out.output, labels, self.task, keep, self.regression_loss)
+            # masked_task_loss averages over the hard rows; the official term is over all rows
+            share = keep.sum().to(per.dtype) / rows.sum().clamp(min=1).to(per.dtype)
+            losses["hard"] = self.beta * per * share
         out.losses = losses
         return out
 
@@ -148,10 +158,14 @@ class DMRNetRecipe(Recipe):
 
     hard_candidates: "unimodal" (default, the official code's: only single-modality
     combinations can be hard) or "all" (any non-empty combination).
+    official: SGD with momentum 0.9 (the official code's optimizer, there at lr 1e-3 and weight
+    decay 1e-4) instead of AdamW. Not reproduced: its StepLR decay at epoch 70 (the engine has
+    no schedules) and its warm-up statistic summed only over epochs that improved the test
+    accuracy (a selection on the test set). Its `epoch <= 5` warm-up is warmup_epochs=6.
 
     Config keys: epochs (30), warmup_epochs (5), hard_k (1), hard_candidates ("unimodal"),
-    sample_combinations (True), lr,
-    weight_decay, batch_size, grad_clip, modality_dropout.
+    sample_combinations (True), official (False), lr, weight_decay, batch_size, grad_clip,
+    modality_dropout.
 
     State (state_dict, tensors): var_sum / var_count (2^M,) float64 accumulators over the
     warm-up; hard (2^M,) bool (all False until the warm-up ends). Under DDP on_epoch_end
@@ -164,6 +178,7 @@ class DMRNetRecipe(Recipe):
         self.warmup_epochs = int(config.get("warmup_epochs", 5))
         self.hard_k = int(config.get("hard_k", 1))
         self.sample_combinations = bool(config.get("sample_combinations", True))
+        self.official = bool(config.get("official", False))
         self.hard_candidates = str(config.get("hard_candidates", "unimodal"))
         if self.hard_candidates not in CANDIDATES:
             raise ValueError(f"hard_candidates must be one of {CANDIDATES}, got "
@@ -180,6 +195,12 @@ class DMRNetRecipe(Recipe):
         self._epoch_count: Optional[Tensor] = None
 
     # ---------------------------------------------------------------- schedule
+    def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
+        if not self.official:
+            return super().optimizers(model)
+        return {"main": torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9,
+                                        weight_decay=self.weight_decay)}
+
     def stage(self, epoch: int) -> str:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
@@ -206,8 +227,8 @@ class DMRNetRecipe(Recipe):
     # ---------------------------------------------------------------- one step
     def train_step(self, model: nn.Module, batch, optimizers: dict, *, epoch: int, step: int,
                    stage: str) -> dict[str, float]:
-        """Forward with the stage (and the hard set after the warm-up), loss check, backward,
-        AdamW step; in the warm-up, the batch's predicted variances are accumulated."""
+        """Forward with the stage (and the hard set after the warm-up), then `optimize`; in the
+        warm-up, the batch's predicted variances are accumulated."""
         _check_stage(stage)
         M = batch.present.shape[1]
         hard = None
@@ -215,19 +236,9 @@ class DMRNetRecipe(Recipe):
             hard = self.hard if self.hard is not None else torch.zeros(2 ** M, dtype=torch.bool)
         out = model(batch.inputs, batch.present, labels=batch.labels, padding=batch.padding,
                     stage=stage, hard=hard)
-        check_finite(out.losses, epoch=epoch, step=step)
         if stage == "warmup":
             self._accumulate(out.extras["variance"], out.extras["combination"], 2 ** M)
-        loss = out.loss
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-        for opt in optimizers.values():
-            opt.step()
-        return {"loss": float(loss.detach()),
-                **{k: float(v.detach()) for k, v in out.losses.items()}}
+        return self.optimize(model, out, optimizers, epoch=epoch, step=step)
 
     def _accumulate(self, variance: Tensor, codes: Tensor, n: int) -> None:
         if self._epoch_sum is None or self._epoch_sum.numel() != n:

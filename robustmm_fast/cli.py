@@ -15,6 +15,7 @@ import inspect
 import sys
 
 BENCH_OPS = ("reparam_kl", "cycle_loss", "masked_attention", "models")
+BENCH_METHODS = ("cyin", "dmrnet", "mim")  # robustmm_fast.bench.models.METHODS (imported lazily)
 
 
 def _bench(args) -> int:
@@ -34,7 +35,8 @@ def _bench(args) -> int:
             print(f"robustmm bench: --shape does not apply to {args.op}", file=sys.stderr)
             return 2
         kwargs["shapes"] = args.shape
-    for option, name in ((args.distance, "distances"), (args.mask, "masks")):
+    for option, name in ((args.distance, "distances"), (args.mask, "masks"),
+                         (args.methods, "methods")):
         if option:
             if name not in inspect.signature(module.cases).parameters:
                 print(f"robustmm bench: --{name[:-1]} does not apply to {args.op}", file=sys.stderr)
@@ -214,6 +216,9 @@ def main(argv=None) -> int:
                        help="cycle_loss: only these distances (repeatable)")
     bench.add_argument("--mask", action="append", choices=("present", "none"),
                        help="cycle_loss: only these row masks (repeatable)")
+    bench.add_argument("--method", action="append", dest="methods",
+                       choices=BENCH_METHODS,
+                       help="models: only these methods (repeatable)")
     bench.add_argument("--repeat", type=int, default=7, help="timed runs per measurement (median)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--output", metavar="FILE",

@@ -7,6 +7,13 @@ CyIN: B = 32, L = 50, text 768, audio 74, vision 35 (MOSEI's feature widths at M
 length), the official MOSI configuration (common/IB dims 256/256/128, MulT 2 layers x 8 heads,
 translators [64, 32, 16] x 8 blocks), in stage 2 (translation and latent substitution on), so
 all three fused ops run: masked_cross_attention, reparameterize_kl, cycle_reconstruction_loss.
+
+DMRNet: the same data, the default configuration (transformer encoders of width 128, 2 layers x
+4 heads per modality; latent = 3 x 128), a step of the "hard" stage (after the warm-up): the
+fused ops are masked_cross_attention (encoders) and reparameterize_kl (the bottleneck).
+
+MIM: the same data, its default (official MOSI) configuration, the step of its two optimizers:
+the fused op is masked_cross_attention (token encoders).
 """
 from __future__ import annotations
 
@@ -17,9 +24,11 @@ from .runner import Case, Impl
 
 MODALITIES = {"text": (50, 768), "audio": (50, 74), "vision": (50, 35)}
 BATCH = 32
-# method -> (dataset preset whose config is used, forward options of the timed training step)
-METHODS = {"cyin": ("mosi", {"stage": "stage2"})}
-OPS = ("masked_attention", "reparam_kl", "cycle_loss")
+# method -> (dataset preset whose config is used (None: the defaults), the stage of the timed
+# training step (None: the recipe's last), the fused ops the step must run)
+METHODS = {"cyin": ("mosi", "stage2", ("masked_attention", "reparam_kl", "cycle_loss")),
+           "dmrnet": (None, "hard", ("masked_attention", "reparam_kl")),
+           "mim": (None, None, ("masked_attention",))}
 
 
 def cases(methods=tuple(METHODS), dtype=torch.float32) -> list[Case]:
@@ -39,7 +48,7 @@ def _batch(device):
 def _step_closures(case: Case, device, backend: str, compiled: bool):
     from ..models.registry import get_method
     name = case.params["method"]
-    preset, options = METHODS[name]
+    preset, stage, ops = METHODS[name]
     method = get_method(name)
     data, batch = _batch(device)
     config = method.config(preset)
@@ -48,7 +57,7 @@ def _step_closures(case: Case, device, backend: str, compiled: bool):
     recipe = method.recipe(config)
     optimizers = recipe.optimizers(model)
     net = torch.compile(model) if compiled else model
-    stage = options.get("stage", recipe.stage(recipe.epochs - 1))
+    stage = stage or recipe.stage(recipe.epochs - 1)
 
     def forward():
         net.eval()
@@ -70,7 +79,7 @@ def _step_closures(case: Case, device, backend: str, compiled: bool):
         print(f"  compile({name}[{backend}]) does not run: {type(exc).__name__}: "
               f"{str(exc).splitlines()[0][:200]}")
         return None
-    for op in OPS:  # every fused op ran, and on the kind of backend asked for
+    for op in ops:  # every fused op ran, and on the kind of backend asked for
         ran = _backend.last_backend(op)
         if ran is None or (ran == "reference") != (backend == "reference"):
             raise RuntimeError(f"{name}[{backend}]: {op} ran on {ran}")

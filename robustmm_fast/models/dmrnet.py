@@ -154,7 +154,8 @@ class DMRNetRecipe(Recipe):
     mask is replaced by one non-empty combination drawn uniformly per sample (2^M - 1 choices)
     intersected with what is present; a sample left with nothing keeps one of its present
     modalities, chosen uniformly (sample_combinations=False: the mask as it comes, plus the
-    base recipe's modality dropout). One AdamW; every epoch selectable.
+    base recipe's modality dropout). One optimizer (AdamW; SGD with `official`); every epoch
+    selectable.
 
     hard_candidates: "unimodal" (default, the official code's: only single-modality
     combinations can be hard) or "all" (any non-empty combination).

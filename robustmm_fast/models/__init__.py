@@ -1,7 +1,8 @@
 """Models with the interface of DESIGN §5, and the registry of methods the harness trains.
 
-UME-MMA, CyIN, DMRNet and the registry are imported on first use (they import robustmm_fast.train, whose
-engine imports the registry: importing them here eagerly would make that a cycle)."""
+UME-MMA, CyIN, DMRNet, MIM and the registry are imported on first use (they import
+robustmm_fast.train, whose engine imports the registry: importing them here eagerly would make
+that a cycle)."""
 from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
 from .early_fusion import EarlyFusion
 from .encoders import make_encoder
@@ -9,11 +10,11 @@ from .late_fusion import LateFusion
 
 __all__ = ["ModelOutput", "MultimodalModel", "task_loss", "zero_absent", "make_encoder",
            "EarlyFusion", "LateFusion", "UMEMMA", "UMEMMARecipe", "CyIN", "CyINRecipe", "DMRNet",
-           "DMRNetRecipe", "METHODS",
+           "DMRNetRecipe", "MIM", "MIMRecipe", "METHODS",
            "Method", "get_method", "default_config"]
 
 _LAZY = {"UMEMMA": "ume_mma", "UMEMMARecipe": "ume_mma", "CyIN": "cyin", "CyINRecipe": "cyin",
-         "DMRNet": "dmrnet", "DMRNetRecipe": "dmrnet",
+         "DMRNet": "dmrnet", "DMRNetRecipe": "dmrnet", "MIM": "mim", "MIMRecipe": "mim",
          "METHODS": "registry", "Method": "registry", "get_method": "registry",
          "default_config": "registry"}
 

@@ -39,6 +39,10 @@ class Recipe:
     modality_dropout.
     """
 
+    # grad_clip: one norm over every parameter (False), or one per optimizer's parameters (True,
+    # for optimizers that train on different losses, as MIM's)
+    clip_each_optimizer = False
+
     def __init__(self, config: Optional[dict] = None):
         config = dict(config or {})
         self.config = config
@@ -92,7 +96,11 @@ class Recipe:
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_clip > 0:
+        if self.grad_clip > 0 and self.clip_each_optimizer:
+            for opt in optimizers.values():
+                torch.nn.utils.clip_grad_norm_(
+                    [p for group in opt.param_groups for p in group["params"]], self.grad_clip)
+        elif self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
         for opt in (optimizers.values() if stepping is None else stepping):
             opt.step()

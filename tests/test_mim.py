@@ -1,0 +1,647 @@
+"""MIM (models/mim.py): shapes and loss terms for M = 1, 2, 3, 6 on vector and padded sequence
+data, absent/padded values inert (NaN included), the hard-concrete gate and the UPN restated,
+the fusions restated, KGS (intra, alpha weights, teacher, inter) restated, the two optimizers'
+gradient routing and step restated, the fused and reference backends agreeing on a training
+step, the config round trip with the official-quirks flag, argument validation, and CLI smoke
+trains on Handwritten and the MMSA format."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import robustmm_fast
+from robustmm_fast import _backend, cli
+from robustmm_fast.models import MIM, MIMRecipe
+from robustmm_fast.models.mim import (OFFICIAL_QUIRKS, OUR_QUIRKS, gate_loss, hard_concrete,
+                                      kgs_alpha, main_loss)
+from robustmm_fast.models.registry import default_config, get_method
+
+from conftest import require_cpp
+from test_cyin import HW6, make_data, present_mask
+from test_data import mmsa_dict, write_pkl
+
+# small widths, no dropout: every test model builds and steps in milliseconds
+SMALL = {"hidden": 8, "heads": 2, "layers": 1, "dropout": 0.0}
+DATA = {  # name: (shapes, padded, task)
+    "vec1": ({"a": (1, 5)}, (), "classification"),
+    "vec2": ({"a": (1, 5), "b": (1, 3)}, (), "classification"),
+    "vec6": (HW6, (), "classification"),
+    "seq2_padded": ({"a": (6, 4), "b": (5, 3)}, ("a", "b"), "classification"),
+    "seq3_unequal": ({"text": (7, 8), "audio": (5, 4), "vision": (6, 5)},
+                     ("text", "audio", "vision"), "regression"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids oversubscribing a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data(name: str):
+    shapes, padded, task = DATA[name]
+    return make_data(shapes, padded=padded, task=task)
+
+
+def build(ds, **over) -> MIM:
+    torch.manual_seed(0)
+    return get_method("mim").build(ds, {**SMALL, **over})
+
+
+def batch(ds, n=12, seed=1, dtype=None):
+    b = ds.batch(torch.arange(n), present_mask(n, ds.num_modalities, seed=seed))
+    if dtype is not None:
+        b.inputs.update({m: x.to(dtype) for m, x in b.inputs.items()})
+    return b
+
+
+def run(model, b, seed=0, **kw):
+    torch.manual_seed(seed)  # the gate noise (and dropout)
+    return model(b.inputs, b.present, labels=b.labels, padding=b.padding, stage="main", **kw)
+
+
+def valid_mask(b, i, m):
+    L = b.inputs[m].shape[1]
+    v = b.present[:, i, None].expand(-1, L)
+    return v & ~b.padding[m] if m in b.padding else v
+
+
+def uniform_noise(b, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.rand(x.shape[:2], generator=g, dtype=x.dtype) * 0.98 + 0.01
+            for m, x in b.inputs.items()}
+
+
+# ---------------------------------------------------------------- shapes and losses
+
+@pytest.mark.parametrize("name", DATA)
+def test_shapes_and_every_loss_term(name):
+    ds = data(name)
+    names = ds.modalities
+    model = build(ds).train()
+    b = batch(ds)
+    out = run(model, b)
+    if ds.task == "classification":
+        assert out.logits.shape == (12, 3) and out.prediction is None
+    else:
+        assert out.prediction.shape == (12,) and out.logits is None
+    want = (["task"] + [f"uni_{m}" for m in names] + ["intra", "inter", "gate_l0"]
+            + [f"gate_uni_{m}" for m in names])
+    assert list(out.losses) == want
+    assert out.extras["gate_terms"] == ("gate_l0",) + tuple(f"gate_uni_{m}" for m in names)
+    for k, v in out.losses.items():
+        assert v.shape == () and torch.isfinite(v), k
+    torch.testing.assert_close(out.loss, gate_loss(out.losses) + main_loss(out.losses))
+    for i, m in enumerate(names):
+        L = ds.seq_lens[m]
+        assert out.extras["gates"][m].shape == out.extras["gate_logits"][m].shape == (12, L)
+        assert out.extras["tokens"][m].shape == (12, L, 8)
+        assert out.extras["purified"][m].shape == out.extras["ungated"][m].shape == (12, 8)
+        g = out.extras["gates"][m]
+        assert set(g.unique().tolist()) <= {0.0, 1.0}
+        assert not g[~valid_mask(b, i, m)].any()      # padded steps and absent samples: 0
+    assert out.extras["l0"].shape == (len(names),) and out.extras["alpha"].shape == (len(names),)
+    model.zero_grad(set_to_none=True)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    inference = model.eval()(b.inputs, b.present, padding=b.padding)
+    assert inference.losses == {} and torch.isfinite(inference.output).all()
+
+
+# ---------------------------------------------------------------- absent / padded values are inert
+
+def _loss_output_grads(model, inputs, b, seed):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(inputs, b.present, labels=b.labels, padding=b.padding, stage="main")
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.output.detach(), out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", ["vec6", "seq2_padded", "seq3_unequal"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("fusion", ["product", "concat"])
+def test_absent_and_padded_values_never_reach_output_or_gradients(name, mode, fusion):
+    ds = data(name)
+    model = build(ds, fusion=fusion, conv_kernel=3).train(mode == "train")
+    b = batch(ds)
+    hidden = {}
+    for i, m in enumerate(ds.modalities):
+        hidden[m] = (~valid_mask(b, i, m))[..., None].expand_as(b.inputs[m])
+    garbage = {m: torch.where(hidden[m], torch.full_like(x, 1e3), x) for m, x in b.inputs.items()}
+    nans = {m: torch.where(hidden[m], torch.full_like(x, float("nan")), x)
+            for m, x in b.inputs.items()}
+    y1, l1, g1 = _loss_output_grads(model, garbage, b, seed=3)
+    y2, l2, g2 = _loss_output_grads(model, nans, b, seed=3)
+    assert torch.isfinite(y2).all() and torch.isfinite(l2)
+    assert torch.equal(y1, y2) and torch.equal(l1, l2)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert torch.isfinite(g2[n]).all(), n
+        assert torch.equal(g1[n], g2[n]), n
+
+
+@pytest.mark.parametrize("fusion", ["product", "add", "concat"])
+@pytest.mark.parametrize("name", ["vec2", "seq3_unequal"])
+def test_all_absent_batch_is_finite(name, fusion):
+    ds = data(name)
+    model = build(ds, fusion=fusion).train()
+    b = ds.batch(torch.arange(4), torch.zeros(4, ds.num_modalities, dtype=torch.bool))
+    b.inputs.update({m: torch.full_like(x, float("nan")) for m, x in b.inputs.items()})
+    out = run(model, b)
+    assert torch.isfinite(out.output).all() and torch.isfinite(out.loss)
+    assert not out.extras["available"].any() and int(out.extras["teacher"]) == -1
+    for k in ["intra", "inter", "gate_l0"] + [k for k in out.losses if "uni_" in k]:
+        assert out.losses[k] == 0, k
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------- the gate
+
+def _restated_gate(a, u, T=1 / 3, gamma=-0.2, zeta=1.0, thr=0.6):
+    """Hard concrete written out: (hard gate, stretched sb, d sb / d a)."""
+    s = 1.0 / (1.0 + torch.exp(-(torch.log(u / (1 - u)) + a) / T)) if u is not None \
+        else 1.0 / (1.0 + torch.exp(-a))
+    stretched = s * (zeta - gamma) + gamma
+    sb = torch.minimum(torch.maximum(stretched, torch.zeros_like(s)), torch.ones_like(s))
+    inside = (stretched > 0) & (stretched < 1)
+    ds_da = s * (1 - s) * (zeta - gamma) / (T if u is not None else 1.0)
+    return (sb > thr).to(a.dtype), sb, torch.where(inside, ds_da, torch.zeros_like(ds_da))
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_hard_concrete_values_gradient_and_l0(sample):
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(5, 7, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
+    u = torch.rand(5, 7, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    valid = torch.rand(5, 7, generator=g) > 0.3
+    valid[0] = False  # a row with no valid step
+    gates, l0 = hard_concrete(a, valid, sample=sample, u=u if sample else None)
+    hard, sb, ds_da = _restated_gate(a.detach(), u if sample else None)
+    assert torch.equal(gates.detach(), torch.where(valid, hard, torch.zeros_like(hard)))
+    assert 0 < hard[valid].mean() < 1  # both kinds of gate occur
+    # straight-through: the value is the hard gate, the gradient d sb / d a (0 outside valid)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((w * gates).sum(), a)
+    torch.testing.assert_close(grad, torch.where(valid, w * ds_da, torch.zeros_like(w)))
+    # L0 = mean over the valid steps of P[gate != 0] = sigmoid(a - T log(-gamma / zeta))
+    p = torch.sigmoid(a.detach() - (1 / 3) * math.log(0.2))
+    torch.testing.assert_close(l0, p[valid].mean())
+    # deterministic gates: open iff 1.2 sigmoid(a) - 0.2 > 0.6, i.e. a > log 2
+    det, _ = hard_concrete(a, valid, sample=False)
+    assert torch.equal(det.detach().bool(), valid & (a.detach() > math.log(2)))
+    _, none = hard_concrete(a, torch.zeros_like(valid), sample=True)
+    assert none == 0
+
+
+def test_hard_concrete_draws_its_noise_from_torch_rng():
+    a, valid = torch.zeros(64, 8), torch.ones(64, 8, dtype=torch.bool)
+    torch.manual_seed(1)
+    g1, _ = hard_concrete(a, valid, sample=True)
+    torch.manual_seed(1)
+    u = torch.rand(64, 8) * (1 - 2e-6) + 1e-6
+    g2, _ = hard_concrete(a, valid, sample=True, u=u)
+    assert torch.equal(g1, g2)
+    # a = 0: P[open] = P[(logistic noise) / T > log 2] = sigmoid(-T log 2) ~ 0.44
+    assert abs(g1.mean().item() - 1 / (1 + 2 ** (1 / 3))) < 0.08
+    with pytest.raises(ValueError, match="noise"):
+        hard_concrete(a, valid, sample=True, u=torch.rand(3))
+
+
+@pytest.mark.parametrize("name", ["seq2_padded", "vec2"])
+def test_model_gates_and_purified_vectors_restated(name):
+    """Gate logits = bottleneck(score(BiLSTM(tokens)) zeroed off the valid steps) + 3; gates =
+    hard concrete of them with the given noise; purified = mean_valid(g t), ungated =
+    mean_valid(t); gate_l0 = 0.1 * sum of the per-modality L0."""
+    ds = data(name)
+    model = build(ds).train()
+    b = batch(ds)
+    noise = uniform_noise(b)
+    out = run(model, b, gate_noise=noise)
+    l0s = []
+    for i, m in enumerate(ds.modalities):
+        v = valid_mask(b, i, m)
+        t = out.extras["tokens"][m]
+        assert not t[~v].any()
+        upn = model.upn[m]
+        h, _ = upn.lstm(t)
+        score = torch.where(v, upn.score(h).squeeze(-1), torch.zeros(()))
+        a = upn.bottleneck(score) + 3.0
+        torch.testing.assert_close(out.extras["gate_logits"][m], a)
+        hard, _, _ = _restated_gate(a, noise[m])
+        gates = torch.where(v, hard, torch.zeros(()))
+        assert torch.equal(out.extras["gates"][m], gates)
+        count = v.sum(1, keepdim=True).clamp(min=1)
+        torch.testing.assert_close(out.extras["purified"][m], (gates[..., None] * t).sum(1) / count)
+        torch.testing.assert_close(out.extras["ungated"][m], t.sum(1) / count)
+        p = torch.sigmoid(a - (1 / 3) * math.log(0.2))
+        l0s.append(p[v].mean() if v.any() else torch.zeros(()))
+    torch.testing.assert_close(out.extras["l0"], torch.stack(l0s).detach())
+    torch.testing.assert_close(out.losses["gate_l0"], 0.1 * torch.stack(l0s).sum())
+
+
+def test_gates_are_deterministic_in_eval_unless_stochastic_test():
+    ds = data("seq2_padded")
+    b = batch(ds)
+    det = build(ds).eval()
+    o1 = det(b.inputs, b.present, padding=b.padding)
+    o2 = det(b.inputs, b.present, padding=b.padding)
+    assert torch.equal(o1.output, o2.output)
+    for i, m in enumerate(ds.modalities):
+        a = o1.extras["gate_logits"][m]
+        want = valid_mask(b, i, m) & (1.2 * torch.sigmoid(a) - 0.2 > 0.6)
+        assert torch.equal(o1.extras["gates"][m].bool(), want)
+    sto = build(ds, stochastic_test=True, gate_bias=0.0).eval()
+    s1, s2 = (sto(b.inputs, b.present, padding=b.padding) for _ in range(2))
+    assert any(not torch.equal(s1.extras["gates"][m], s2.extras["gates"][m])
+               for m in ds.modalities)
+    noise = uniform_noise(b)
+    s3 = sto(b.inputs, b.present, padding=b.padding, gate_noise=noise)
+    for i, m in enumerate(ds.modalities):
+        hard, _, _ = _restated_gate(s3.extras["gate_logits"][m], noise[m])
+        assert torch.equal(s3.extras["gates"][m], torch.where(valid_mask(b, i, m), hard, 0.0))
+
+
+# ---------------------------------------------------------------- fusion
+
+@pytest.mark.parametrize("fusion", ["product", "add", "concat"])
+def test_fusion_restated(fusion):
+    """product: tanh(W prod_m v_m) with an unavailable m as 1; add: sum with 0; concat:
+    tanh(W [v_1 .. v_M]) with 0 blocks; then the output layer. Rows 0 (nothing present) and
+    the sample whose modality 'a' has no valid step (row 0 of the data) included."""
+    ds = data("seq3_unequal")
+    model = build(ds, fusion=fusion).eval()
+    b = batch(ds)
+    out = model(b.inputs, b.present, padding=b.padding)
+    avail = out.extras["available"]
+    assert torch.equal(avail, torch.stack([valid_mask(b, i, m).any(1)
+                                           for i, m in enumerate(ds.modalities)], 1))
+    vs = [out.extras["purified"][m] for m in ds.modalities]
+    if fusion == "product":
+        z = torch.ones_like(vs[0])
+        for i, v in enumerate(vs):
+            z = z * torch.where(avail[:, i, None], v, torch.ones_like(v))
+        h = torch.tanh(model.fuse(z))
+    elif fusion == "add":
+        h = sum(torch.where(avail[:, i, None], v, torch.zeros_like(v)) for i, v in enumerate(vs))
+        assert model.fuse is None
+    else:
+        h = torch.tanh(model.fuse(torch.cat([torch.where(avail[:, i, None], v, 0.0)
+                                             for i, v in enumerate(vs)], -1)))
+    torch.testing.assert_close(out.prediction, model.out_layer(h).squeeze(-1))
+
+
+# ---------------------------------------------------------------- KGS
+
+def test_kgs_alpha_on_hand_numbers():
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    lam = losses / 6
+    prods = torch.stack([(1 + lam[[1, 2]]).prod(), (1 + lam[[0, 2]]).prod(),
+                         (1 + lam[[0, 1]]).prod()])                # 2, 7/4, 14/9
+    want = 3 * prods / prods.sum()
+    torch.testing.assert_close(kgs_alpha(losses, torch.ones(3, dtype=torch.bool)), want)
+    torch.testing.assert_close(want, torch.tensor([1.130890, 0.989529, 0.879581]))
+    assert want.argmax() == losses.argmin()  # the lowest loss gets the largest weight
+    # an inactive modality: weight 0, the others over the active set, summing to S = 2
+    active = torch.tensor([True, False, True])
+    lam = torch.tensor([1 / 4, 0.0, 3 / 4])
+    want = 2 * torch.stack([1 + lam[2], torch.tensor(0.0), 1 + lam[0]]) / (2 + lam[0] + lam[2])
+    got = kgs_alpha(losses, active)
+    torch.testing.assert_close(got, want)
+    assert got.sum().item() == pytest.approx(2.0)
+    torch.testing.assert_close(kgs_alpha(torch.zeros(3), torch.ones(3, dtype=torch.bool)),
+                               torch.ones(3))
+    assert kgs_alpha(torch.ones(3), torch.zeros(3, dtype=torch.bool)).eq(0).all()
+
+
+def _ce(y, labels, keep):
+    return F.cross_entropy(y[keep], labels[keep]) if keep.any() else torch.zeros(())
+
+
+@pytest.mark.parametrize("weighting", ["student", "teacher"])
+def test_intra_and_inter_losses_restated(weighting):
+    ds = data("vec6")
+    # gate_bias 0.6: some gates closed (deterministic gates open iff logit > log 2)
+    model = build(ds, inter_weighting=weighting, intra_weight=0.5, inter_weight=2.0,
+                  gate_bias=0.6).eval()
+    b = batch(ds, n=16)
+    out = model(b.inputs, b.present, labels=b.labels, padding=b.padding)
+    names, avail = ds.modalities, out.extras["available"]
+    assert 0 < torch.cat([g[avail[:, i]] for i, g in enumerate(out.extras["gates"].values())]) \
+        .mean() < 1
+    lg, intra = [], torch.zeros(())
+    for i, m in enumerate(names):
+        k = avail[:, i]
+        yg = model.heads[m](out.extras["purified"][m])
+        yu = model.heads[m](out.extras["ungated"][m])
+        lg_m, lu_m = _ce(yg, b.labels, k), _ce(yu, b.labels, k)
+        torch.testing.assert_close(out.losses[f"uni_{m}"], lu_m)
+        torch.testing.assert_close(out.losses[f"gate_uni_{m}"], lg_m)
+        mse = ((yg - yu) ** 2).mean(1)[k].mean() if k.any() else torch.zeros(())
+        intra = intra + (mse if lg_m != lu_m else 0.0)  # the teacher side is detached
+        lg.append(lg_m.detach())
+    torch.testing.assert_close(out.losses["intra"], 0.5 * intra)
+    active = avail.any(0)
+    teacher = min((i for i in range(6) if active[i]), key=lambda i: lg[i].item())
+    assert int(out.extras["teacher"]) == teacher and out.losses["intra"] > 0
+    alpha = kgs_alpha(torch.stack(lg), active)
+    torch.testing.assert_close(out.extras["alpha"], alpha)
+    vt = out.extras["purified"][names[teacher]]
+    kls = []
+    for i, m in enumerate(names):
+        if i == teacher or not active[i]:
+            continue
+        both = avail[:, i] & avail[:, teacher]
+        kl = F.kl_div(F.log_softmax(out.extras["purified"][m][both], -1),
+                      F.softmax(vt[both], -1), reduction="batchmean") if both.any() else 0.0
+        kls.append((alpha[i], kl))
+    if weighting == "student":
+        want = sum(a * kl for a, kl in kls)
+    else:  # the official loss_kd: (10 alpha_teacher)^2 times the mean of the students' KLs
+        want = (10 * alpha[teacher]) ** 2 * sum(kl for _, kl in kls) / len(kls)
+    torch.testing.assert_close(out.losses["inter"], 2.0 * want)
+
+
+def test_intra_teacher_is_the_better_view_and_detached():
+    """Only the worse view's output gets the intra gradient (checked on the head's input)."""
+    ds = data("vec6")
+    model = build(ds, inter_weight=0.0, gate_bias=0.6).eval()
+    b = batch(ds)
+    out = model(b.inputs, b.present, labels=b.labels)
+    checked = 0
+    for m in ds.modalities:
+        vg, vu = out.extras["purified"][m], out.extras["ungated"][m]
+        gg, gu = torch.autograd.grad(out.losses["intra"], [vg, vu], retain_graph=True,
+                                     allow_unused=True)
+        lg, lu = out.losses[f"gate_uni_{m}"], out.losses[f"uni_{m}"]
+        if lg < lu:    # gated view teaches: no gradient into it
+            assert gg is None or not gg.any()
+            assert gu is not None and gu.abs().sum() > 0
+        elif lg > lu:
+            assert gu is None or not gu.any()
+            assert gg is not None and gg.abs().sum() > 0
+        checked += bool(lg != lu)
+    assert checked >= 2
+
+
+# ---------------------------------------------------------------- the two optimizers
+
+def _groups(model):
+    gate = model.gate_parameters()
+    ids = {id(p) for p in gate}
+    return [p for p in model.parameters() if id(p) not in ids], gate
+
+
+def test_optimizers_partition_the_parameters():
+    ds = data("seq2_padded")
+    model = build(ds)
+    opts = MIMRecipe({}).optimizers(model)
+    assert set(opts) == {"main", "gate"}
+    params = {n: {id(p) for g in o.param_groups for p in g["params"]} for n, o in opts.items()}
+    assert not params["main"] & params["gate"]
+    assert params["main"] | params["gate"] == {id(p) for p in model.parameters()}
+    assert params["gate"] == {id(p) for p in model.upn.parameters()}
+    r = MIMRecipe({"lr": 1e-3, "gate_lr": 5e-3})
+    opts = r.optimizers(model)
+    assert opts["main"].param_groups[0]["lr"] == 1e-3 and opts["gate"].param_groups[0]["lr"] == 5e-3
+    assert MIMRecipe({"lr": 2e-3}).optimizers(model)["gate"].param_groups[0]["lr"] == 2e-3
+    with pytest.raises(ValueError, match="gate_parameters"):
+        r.optimizers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("from_main", [False, True])
+def test_each_loss_group_reaches_only_its_parameters(from_main):
+    """Gate terms -> UPN only; main terms -> every other parameter (and, with gates_from_main
+    (official), the UPN too)."""
+    ds = data("seq2_padded")
+    model = build(ds, gates_from_main=from_main).train()
+    out = run(model, batch(ds))
+    main, gate = _groups(model)
+    g_gate_main = torch.autograd.grad(gate_loss(out.losses), main, retain_graph=True,
+                                      allow_unused=True)
+    assert all(g is None or not g.any() for g in g_gate_main)
+    g_gate_gate = torch.autograd.grad(gate_loss(out.losses), gate, retain_graph=True,
+                                      allow_unused=True)
+    assert sum(g.abs().sum() for g in g_gate_gate if g is not None) > 0
+    g_main_gate = torch.autograd.grad(main_loss(out.losses), gate, retain_graph=True,
+                                      allow_unused=True)
+    reached = sum(g.abs().sum() for g in g_main_gate if g is not None)
+    assert (reached > 0) if from_main else (reached == 0)
+    g_main_main = torch.autograd.grad(main_loss(out.losses), main, allow_unused=True)
+    assert sum(g.abs().sum() for g in g_main_main if g is not None) > 0
+
+
+def test_train_step_equals_per_group_gradients_and_adamw():
+    """recipe.train_step == autograd.grad of each group's sum w.r.t. its own parameters (both
+    computed on the same forward before any step), then each AdamW's first step written out:
+    p <- p (1 - lr wd) - lr g / (|g| + eps)."""
+    ds = data("seq3_unequal")
+    model = build(ds).double().train()
+    ref = copy.deepcopy(model)
+    recipe = MIMRecipe({"lr": 1e-2, "gate_lr": 3e-2, "weight_decay": 0.1})
+    opts = recipe.optimizers(model)
+    b = batch(ds, dtype=torch.float64)
+    torch.manual_seed(4)
+    logged = recipe.train_step(model, b, opts, epoch=0, step=0, stage="main")
+    out = run(ref, b, seed=4)
+    assert logged["loss"] == pytest.approx(out.loss.item(), rel=1e-12)
+    assert logged.keys() == {"loss", *out.losses}
+    main, gate = _groups(ref)
+    new_main, new_gate = _groups(model)
+    for params, new, loss, lr in ((main, new_main, main_loss(out.losses), 1e-2),
+                                  (gate, new_gate, gate_loss(out.losses), 3e-2)):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        assert sum(g is not None for g in grads) > 0
+        for p, q, g in zip(params, new, grads):
+            if g is None:
+                assert q.grad is None and torch.equal(q, p)
+                continue
+            torch.testing.assert_close(q.grad, g, rtol=1e-10, atol=1e-12)
+            want = p.detach() * (1 - lr * 0.1) - lr * g / (g.abs() + 1e-8)
+            torch.testing.assert_close(q.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_gate_terms_leave_the_gates_unchanged():
+    """With every gate term weighted 0 (and no weight decay) a step changes no UPN parameter
+    while the main parameters move: the UPN is updated only through the gate optimizer's
+    terms. Several steps in a row: no in-place / stale-graph error."""
+    ds = data("seq2_padded")
+    model = build(ds, l0_weight=0.0, unimodal_weight=0.0).train()
+    before = copy.deepcopy(model)
+    recipe = MIMRecipe({"weight_decay": 0.0})
+    opts = recipe.optimizers(model)
+    b = batch(ds)
+    for step in range(3):
+        logged = recipe.train_step(model, b, opts, epoch=0, step=step, stage="main")
+        assert math.isfinite(logged["loss"])
+    main, gate = _groups(model)
+    main0, gate0 = _groups(before)
+    assert all(torch.equal(p, q) for p, q in zip(gate, gate0))
+    assert any(not torch.equal(p, q) for p, q in zip(main, main0))
+    model2 = build(ds).train()  # default weights: the gates move too
+    gate0 = [p.detach().clone() for p in model2.gate_parameters()]
+    MIMRecipe({}).train_step(model2, b, MIMRecipe({}).optimizers(model2), epoch=0, step=0,
+                             stage="main")
+    assert any(not torch.equal(p, q) for p, q in zip(model2.gate_parameters(), gate0))
+
+
+def test_recipe_stage_and_arguments():
+    r = MIMRecipe({"epochs": 3, "modality_dropout": 0.3})
+    assert [r.stage(e) for e in range(3)] == ["main"] * 3 and all(r.selects(e) for e in range(3))
+    g = torch.Generator().manual_seed(0)
+    p = r.augment(torch.ones(64, 3, dtype=torch.bool), epoch=0, stage="main", generator=g)
+    assert p.any(1).all() and not p.all()
+    with pytest.raises(ValueError, match="stage"):
+        r.train_step(None, None, {}, epoch=0, step=0, stage="warmup")
+    for key, value in (("gate_lr", 0.0), ("lr", -1.0), ("weight_decay", -1.0),
+                       ("grad_clip", -1.0), ("modality_dropout", 1.0), ("epochs", 0)):
+        with pytest.raises(ValueError, match=key.split("_")[0] if key == "epochs" else key):
+            MIMRecipe({key: value})
+
+
+# ---------------------------------------------------------------- backends
+
+@pytest.mark.parametrize("name", ["seq3_unequal", "seq2_padded"])
+def test_fused_and_reference_backends_agree_on_a_training_step(name):
+    """One recipe step (forward, backward, both AdamWs) in float64 on the cpp and reference
+    backends from the same model and the same seed (the same gate noise): the same losses and
+    parameters afterwards, and the fused masked attention really ran on cpp."""
+    require_cpp("masked_attention")
+    ds = data(name)
+    base = build(ds, layers=2).double().train()
+    b = batch(ds, dtype=torch.float64)
+    results = {}
+    for backend in ("reference", "cpp"):
+        model = copy.deepcopy(base)
+        recipe = MIMRecipe({"lr": 1e-3})
+        opts = recipe.optimizers(model)
+        calls = _backend.backend_calls[("masked_attention", backend)]
+        with robustmm_fast.use_backend(backend):
+            torch.manual_seed(5)
+            logged = recipe.train_step(model, b, opts, epoch=0, step=0, stage="main")
+        assert robustmm_fast.last_backend("masked_attention") == backend
+        assert _backend.backend_calls[("masked_attention", backend)] > calls
+        results[backend] = (logged, dict(model.named_parameters()))
+    (lr, pr), (lc, pc) = results["reference"], results["cpp"]
+    assert lr.keys() == lc.keys()
+    for k in lr:
+        assert lc[k] == pytest.approx(lr[k], rel=1e-9, abs=1e-12), k
+    for n in pr:
+        torch.testing.assert_close(pc[n], pr[n], rtol=1e-9, atol=1e-11,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_round_trip_and_official_flag():
+    method = get_method("mim")
+    ds = make_data(HW6)
+    for preset in (None, "handwritten", "mosi"):
+        cfg = method.config(preset)
+        again = json.loads(json.dumps(cfg))
+        assert again == cfg
+        a, b = method.build(ds, cfg), method.build(ds, again)
+        assert {k: v.shape for k, v in a.state_dict().items()} == \
+            {k: v.shape for k, v in b.state_dict().items()}
+        method.recipe(again)
+    d = default_config("mim")
+    assert (d["gate_bias"], d["temperature"], d["gamma"], d["zeta"], d["threshold"],
+            d["l0_weight"], d["intra_weight"], d["inter_weight"], d["fusion"]) == \
+        (3.0, 1 / 3, -0.2, 1.0, 0.6, 0.1, 1.0, 1.0, "product")
+    mosi = default_config("mim", "mosi")
+    assert (mosi["conv_kernel"], mosi["layers"], mosi["heads"], mosi["attn_dropout"],
+            mosi["weight_decay"]) == (3, 3, 5, 0.5, 0.0)
+    ours = method.build(ds, SMALL)
+    official = method.build(ds, {**SMALL, "official": True})
+    got = lambda m: {k: getattr(m, k) for k in OFFICIAL_QUIRKS}  # noqa: E731
+    assert got(ours) == OUR_QUIRKS and got(official) == OFFICIAL_QUIRKS
+    mixed = method.build(ds, {**SMALL, "official": True, "inter_weighting": "student"})
+    assert mixed.inter_weighting == "student" and mixed.stochastic_test  # explicit wins
+    for bad in ({"no_such_key": 1},):
+        with pytest.raises(ValueError, match="no_such_key"):
+            method.build(ds, bad)
+        with pytest.raises(ValueError, match="no_such_key"):
+            method.recipe(bad)
+    assert list(method.build(ds, {**SMALL, "gate_bottleneck": None}).upn["fac"].bottleneck[0]
+                .weight.shape) == [1, 1]                       # max(1, L // 5) for L = 1
+    seq = make_data({"a": (12, 3)})
+    assert method.build(seq, SMALL).upn["a"].bottleneck[0].out_features == 2    # 12 // 5
+    assert method.build(seq, {**SMALL, "gate_bottleneck": 4}).upn["a"].bottleneck[0] \
+        .out_features == 4
+
+
+@pytest.mark.parametrize("key,value", [
+    ("hidden", 0), ("hidden", 6), ("layers", -1), ("heads", 0), ("conv_kernel", 2),
+    ("gate_bottleneck", 0), ("dropout", 1.0), ("attn_dropout", -0.1), ("embed_dropout", 1.5),
+    ("out_dropout", 1.0), ("temperature", 0.0), ("gamma", 0.1), ("zeta", 0.0),
+    ("threshold", 1.0), ("gate_bias", float("nan")), ("fusion", "max"),
+    ("pool_activation", "gelu"), ("l0_weight", -1.0), ("intra_weight", float("inf")),
+    ("inter_weight", -0.5), ("unimodal_weight", -1.0), ("inter_weighting", "both"),
+    ("stochastic_test", "yes"), ("gates_from_main", 1), ("official", "yes"),
+    ("regression_loss", "huber")])
+def test_bad_arguments_raise_naming_them(key, value):
+    ds = make_data(HW6)
+    with pytest.raises(ValueError, match=key if key != "hidden" or value == 0 else "heads"):
+        get_method("mim").build(ds, {**SMALL, "heads": 4 if key == "hidden" else SMALL["heads"],
+                                     key: value})
+
+
+def test_stage_and_gate_noise_arguments():
+    ds = data("vec2")
+    model = build(ds)
+    b = batch(ds)
+    with pytest.raises(ValueError, match="stage"):
+        model(b.inputs, b.present, stage="warmup")
+    with pytest.raises(ValueError, match="gate_noise"):
+        model(b.inputs, b.present, gate_noise={"zzz": torch.rand(12, 1)})
+
+
+def test_single_modality_and_pool_activation():
+    ds = data("vec1")
+    for act in ("tanh", "relu"):
+        model = build(ds, pool_activation=act).eval()
+        b = batch(ds)
+        out = model(b.inputs, b.present, labels=b.labels)
+        assert out.losses["inter"] == 0 and torch.isfinite(out.loss)
+        v, t = out.extras["purified"]["a"], out.extras["tokens"]["a"]
+        fn = torch.tanh if act == "tanh" else torch.relu
+        torch.testing.assert_close(v, fn(out.extras["gates"]["a"][..., None] * t).sum(1))
+
+
+# ---------------------------------------------------------------- CLI smoke trains
+
+def test_cli_train_on_handwritten(tmp_path):
+    out = tmp_path / "hw"
+    assert cli.main(["train", "--method", "mim", "--data", "handwritten", "--seeds", "1111",
+                     "--out", str(out), "--no-progress", "--protocol", "complete+eta:0.5",
+                     "--set", "epochs=2"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    acc = result["per_seed"]["mim"]["1111"]
+    assert acc["complete"]["accuracy"] > 0.5  # 2 epochs already learn most of it
+    assert acc["eta:0.5"]["accuracy"] > 0.3
+
+
+def test_cli_train_on_mmsa_format(tmp_path):
+    path = write_pkl(tmp_path / "unaligned_50.pkl", mmsa_dict(aligned=False))
+    out = tmp_path / "mmsa"
+    args = ["train", "--method", "mim", "--data", f"mmsa:{path}", "--seeds", "1111",
+            "--out", str(out), "--no-progress", "--protocol", "complete+eta:0.5",
+            "--set", "epochs=2", "--set", "batch_size=2"]
+    for k, v in {**SMALL, "conv_kernel": 3}.items():
+        args += ["--set", f"{k}={json.dumps(v)}"]
+    assert cli.main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    points = result["per_seed"]["mim"]["1111"]
+    assert set(points) == {"complete", "eta:0.5"}
+    assert all(v["MAE"] == v["MAE"] for v in points.values())  # finite, not NaN

@@ -10,6 +10,7 @@
 - ``assert_close_dtype``: per-dtype tolerances; for float16/bfloat16 the error against an fp64
   ground truth must be at most twice the reference's own low-precision error (flash-attention's rule).
 - ``gpu`` marker: skipped without a CUDA device.
+- ``one_thread`` fixture: one intra-op thread for the test.
 """
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["*_i
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 CPU_BACKENDS = ("reference", "cpp", "cpp-default")
+
+
+# ---------------------------------------------------------------- threads
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (files of tiny models use it for all theirs:
+    `pytestmark = pytest.mark.usefixtures("one_thread")`). Small models run faster on one
+    thread, and on a shared 2-core machine two threads' synchronisation can cost 10-100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- backend choice

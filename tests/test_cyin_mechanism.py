@@ -54,13 +54,7 @@ CONFIG = {"epochs": 20, "stage_divide": 0.2, "batch_size": 128, "lr": 2e-3,
           "select_on": f"random:{ETA}"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: a shared 2-core machine, and bit-reproducible training."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

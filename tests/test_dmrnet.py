@@ -18,18 +18,13 @@ from robustmm_fast.models.registry import default_config, get_method
 from robustmm_fast.train import fit
 
 from conftest import require_cpp
+from test_cyin import present_mask
 from test_data import mmsa_dict, write_pkl
 
 SMALL = {"hidden": 16, "latent_dim": 8, "dropout": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids oversubscribing a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(M=3, task="classification", n=48, seq=False):
@@ -41,13 +36,6 @@ def data(M=3, task="classification", n=48, seq=False):
 def build(ds, **over) -> DMRNet:
     torch.manual_seed(0)
     return get_method("dmrnet").build(ds, {**SMALL, **over})
-
-
-def present_mask(n, m, seed=1):
-    p = torch.rand(n, m, generator=torch.Generator().manual_seed(seed)) > 0.4
-    p[0], p[1], p[2] = False, True, False
-    p[2, m - 1] = True
-    return p
 
 
 def run(model, b, seed=0, **kw):

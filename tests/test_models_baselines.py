@@ -22,14 +22,7 @@ from robustmm_fast.models.ume_mma import UMEMMA, UMEMMARecipe
 SMALL = {"hidden": 16, "heads": 2, "layers": 1, "dropout": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and a shared machine's busy cores
-    make two threads' synchronisation cost up to 100x more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _splits(n):
@@ -333,6 +326,22 @@ def test_a_few_recipe_steps_reduce_the_loss(method):
 
 # ---------------------------------------------------------------- registry
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_preset_round_trips_through_json_and_builds(name):
+    """Each method's defaults and presets: a JSON round trip gives the same config, and the
+    same model (parameter shapes) and a recipe are built from either."""
+    method = METHODS[name]
+    ds = handwritten_like()
+    for preset in (None, *method.presets):
+        cfg = method.config(preset)
+        again = json.loads(json.dumps(cfg))
+        assert again == cfg, preset
+        a, b = method.build(ds, cfg), method.build(ds, again)
+        assert {k: v.shape for k, v in a.state_dict().items()} == \
+            {k: v.shape for k, v in b.state_dict().items()}
+        method.recipe(again)
+
+
 def test_registry_lookup_configs_and_build():
     assert {"early_fusion", "late_fusion", "ume_mma"} <= set(METHODS)
     with pytest.raises(ValueError, match="early_fusion"):
@@ -351,6 +360,7 @@ def test_registry_lookup_configs_and_build():
         with pytest.raises(ValueError, match="bogus"):
             method.config("handwritten", {"bogus": 1})
     assert "2310.06383" in METHODS["ume_mma"].paper
+    assert {"cyin", "dmrnet", "mim"} <= set(METHODS)
     ds = mosi_like()
     model = get_method("late_fusion").build(ds, {"hidden": 8, "heads": 2})
     assert model.modalities == {"text": (7, 8), "audio": (5, 4), "vision": (6, 5)}

@@ -17,13 +17,7 @@ from robustmm_fast.run import parse_protocol, protocol_masks
 from test_data import mmsa_dict, write_pkl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_parse_protocol():

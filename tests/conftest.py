@@ -47,6 +47,43 @@ def one_thread():
 
 # ---------------------------------------------------------------- backend choice
 
+def forward_backward_on(model, backend: str, ops, forward):
+    """Zero `model`'s gradients, run `out = forward()` and `out.loss.backward()` on `backend`,
+    and assert every op in `ops` ran there. Returns (out, {parameter name: gradient})."""
+    model.zero_grad(set_to_none=True)
+    before = {op: _backend.backend_calls[(op, backend)] for op in ops}
+    with robustmm_fast.use_backend(backend):
+        out = forward()
+        out.loss.backward()
+    for op, n in before.items():
+        assert robustmm_fast.last_backend(op) == backend, op
+        assert _backend.backend_calls[(op, backend)] > n, f"{op} never ran on {backend}"
+    return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_steps_agree(ref, grads_ref, other, grads_other, **tol):
+    """Two (ModelOutput, gradients) results: the same loss terms, outputs and gradients."""
+    assert list(other.losses) == list(ref.losses)
+    for k in ref.losses:
+        torch.testing.assert_close(other.losses[k], ref.losses[k], **tol)
+    torch.testing.assert_close(other.output, ref.output, **tol)
+    assert grads_ref.keys() == grads_other.keys() and len(grads_ref) > 0
+    for k in grads_ref:
+        torch.testing.assert_close(grads_other[k], grads_ref[k], **tol,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+def assert_inert(clean, poisoned):
+    """(output, loss, gradients) with hidden values finite vs NaN: finite and bit-identical."""
+    (y1, l1, g1), (y2, l2, g2) = clean, poisoned
+    assert torch.isfinite(y2).all() and torch.isfinite(l2)
+    assert torch.equal(y1, y2) and torch.equal(l1, l2)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert torch.isfinite(g2[n]).all(), n
+        assert torch.equal(g1[n], g2[n]), n
+
+
 @contextlib.contextmanager
 def run_on(backend: str, op: str = "reparam_kl"):
     """Run the block with ``robustmm_fast.use_backend(backend)``; afterwards assert that `op`

@@ -10,15 +10,14 @@ import json
 import pytest
 import torch
 
-import robustmm_fast
-from robustmm_fast import _backend, cli
+from robustmm_fast import cli
 from robustmm_fast.data.dataset import MultimodalDataset
 from robustmm_fast.models import CyIN, CyINRecipe
 from robustmm_fast.models.cyin import OFFICIAL_QUIRKS
 from robustmm_fast.models.registry import default_config, get_method
 from robustmm_fast.train.checkpoint import load_best
 
-from conftest import require_cpp
+from conftest import assert_inert, assert_steps_agree, forward_backward_on, require_cpp
 from test_data import mmsa_dict, write_pkl
 
 # small widths: every test model builds and steps in milliseconds
@@ -173,14 +172,8 @@ def test_absent_and_padded_values_never_reach_output_or_gradients(name, mode, st
     garbage = {m: torch.where(hidden[m], torch.full_like(x, 1e3), x) for m, x in b.inputs.items()}
     nans = {m: torch.where(hidden[m], torch.full_like(x, float("nan")), x)
             for m, x in b.inputs.items()}
-    y1, l1, g1 = _loss_output_grads(model, garbage, b, stage, seed=3)
-    y2, l2, g2 = _loss_output_grads(model, nans, b, stage, seed=3)
-    assert torch.isfinite(y2).all() and torch.isfinite(l2)
-    assert torch.equal(y1, y2) and torch.equal(l1, l2)
-    assert g1.keys() == g2.keys() and len(g1) > 0
-    for n in g1:
-        assert torch.isfinite(g2[n]).all(), n
-        assert torch.equal(g1[n], g2[n]), n
+    assert_inert(_loss_output_grads(model, garbage, b, stage, seed=3),
+                 _loss_output_grads(model, nans, b, stage, seed=3))
 
 
 @pytest.mark.parametrize("name", ["vec2", "seq3_unequal", "seq3_aligned"])
@@ -236,16 +229,8 @@ def test_translate_false_is_the_zero_fill_ablation():
 # ---------------------------------------------------------------- backends
 
 def _step(model, b, backend):
-    model.zero_grad(set_to_none=True)
-    before = {op: _backend.backend_calls[(op, backend)]
-              for op in ("masked_attention", "reparam_kl", "cycle_loss")}
-    with robustmm_fast.use_backend(backend):
-        out = run(model, b, "stage2", seed=5)
-        out.loss.backward()
-    for op, n in before.items():
-        assert robustmm_fast.last_backend(op) == backend, op
-        assert _backend.backend_calls[(op, backend)] > n, f"{op} never ran on {backend}"
-    return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return forward_backward_on(model, backend, ("masked_attention", "reparam_kl", "cycle_loss"),
+                               lambda: run(model, b, "stage2", seed=5))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -269,13 +254,8 @@ def test_fused_and_reference_backends_agree_on_a_training_step(name, mode):
         assert torch.equal(ref.extras["substitution"], cpp.extras["substitution"])
     else:
         assert ref.extras["substitution"] is None and cpp.extras["substitution"] is None
-    assert list(cpp.losses) == list(ref.losses) == ["task", "label_ib", "ib", "translation"]
-    for k in ref.losses:
-        torch.testing.assert_close(cpp.losses[k], ref.losses[k], **tol)
-    torch.testing.assert_close(cpp.output, ref.output, **tol)
-    assert g_ref.keys() == g_cpp.keys() and len(g_ref) > 0
-    for k in g_ref:
-        torch.testing.assert_close(g_cpp[k], g_ref[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+    assert list(ref.losses) == ["task", "label_ib", "ib", "translation"]
+    assert_steps_agree(ref, g_ref, cpp, g_cpp, **tol)
 
 
 # ---------------------------------------------------------------- stages

@@ -9,15 +9,14 @@ import json
 import pytest
 import torch
 
-import robustmm_fast
-from robustmm_fast import _backend, cli
+from robustmm_fast import cli
 from robustmm_fast.data import make_synthetic
 from robustmm_fast.models import DMRNet, DMRNetRecipe
 from robustmm_fast.models.dmrnet import combination_codes
 from robustmm_fast.models.registry import default_config, get_method
 from robustmm_fast.train import fit
 
-from conftest import require_cpp
+from conftest import assert_steps_agree, forward_backward_on, require_cpp
 from test_cyin import present_mask
 from test_data import mmsa_dict, write_pkl
 
@@ -126,15 +125,8 @@ def test_latent_dim_defaults_to_the_concatenated_width():
 
 
 def _step(model, b, backend, ops):
-    model.zero_grad(set_to_none=True)
-    before = {op: _backend.backend_calls[(op, backend)] for op in ops}
-    with robustmm_fast.use_backend(backend):
-        out = run(model, b, seed=5, stage="hard", hard=torch.ones(8, dtype=torch.bool))
-        out.loss.backward()
-    for op, n in before.items():
-        assert robustmm_fast.last_backend(op) == backend, op
-        assert _backend.backend_calls[(op, backend)] > n, f"{op} never ran on {backend}"
-    return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return forward_backward_on(model, backend, ops, lambda: run(
+        model, b, seed=5, stage="hard", hard=torch.ones(8, dtype=torch.bool)))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -155,13 +147,8 @@ def test_fused_and_reference_backends_agree_on_a_training_step(seq, mode):
     ref, g_ref = _step(model, b, "reference", ops)
     cpp, g_cpp = _step(model, b, "cpp", ops)
     tol = dict(rtol=1e-9, atol=1e-11) if mode == "eval" else dict(rtol=1e-5, atol=1e-7)
-    assert list(ref.losses) == list(cpp.losses) == ["task", "kl", "hard"]
-    for k in ref.losses:
-        torch.testing.assert_close(cpp.losses[k], ref.losses[k], **tol)
-    torch.testing.assert_close(cpp.output, ref.output, **tol)
-    assert g_ref.keys() == g_cpp.keys() and len(g_ref) > 0
-    for k in g_ref:
-        torch.testing.assert_close(g_cpp[k], g_ref[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+    assert list(ref.losses) == ["task", "kl", "hard"]
+    assert_steps_agree(ref, g_ref, cpp, g_cpp, **tol)
 
 
 def test_official_flag_uses_sgd_with_momentum():

@@ -5,19 +5,6 @@ the model.
 
     pytest benches/bench_models.py --benchmark-enable --benchmark-group-by=group
 """
-import pytest
-import torch
+from conftest import benchmark_test
 
-from robustmm_fast.bench import models as cases_module
-from conftest import run_benchmark
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = cases_module.cases()
-IMPLS, OURS, _ = cases_module.implementations(DEVICE)
-
-
-@pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", IMPLS, ids=[i.name for i in IMPLS])
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_models(benchmark, case, impl, phase):
-    run_benchmark(benchmark, "models", case, impl, phase, DEVICE)
+test_models = benchmark_test("models")

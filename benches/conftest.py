@@ -2,10 +2,14 @@
 Each file compares, in one run, this package's backend with the eager reference,
 torch.compile(reference) and the strongest PyTorch peer; one group per case and phase.
 `robustmm bench OP` prints the same comparison as one table with ratios."""
+import importlib
+
 import pytest
 import torch
 
 from robustmm_fast.bench.runner import settle_cpu_allocator
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,3 +37,20 @@ def run_benchmark(benchmark, op: str, case, impl, phase: str, device: torch.devi
         benchmark.pedantic(timed, warmup_rounds=2, rounds=20)
     else:
         benchmark.pedantic(fn, warmup_rounds=2, rounds=7)
+
+
+def benchmark_test(op: str):
+    """The pytest-benchmark test of robustmm_fast.bench.<op>: every case x implementation x
+    phase on DEVICE (a bench file binds it to a test_* name)."""
+    module = importlib.import_module(f"robustmm_fast.bench.{op}")
+    cases = module.cases()
+    impls = module.implementations(DEVICE)[0]
+
+    @pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
+    @pytest.mark.parametrize("impl", impls, ids=[i.name for i in impls])
+    @pytest.mark.parametrize("case", cases, ids=[c.name for c in cases])
+    def test(benchmark, case, impl, phase):
+        run_benchmark(benchmark, op, case, impl, phase, DEVICE)
+
+    test.__name__ = test.__qualname__ = f"test_{op}"
+    return test

@@ -45,6 +45,24 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+# ---------------------------------------------------------------- streams
+
+@contextlib.contextmanager
+def late_copies_on_side_stream(src):
+    """GPU: make a side stream current and yield NaN-filled copies of the tensors `src` that
+    it overwrites with their values only after a long sleep, so a kernel launched on any other
+    stream reads the NaN placeholders. On exit the current stream waits for the side one."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        leaves = [torch.full_like(t, float("nan")) for t in src]
+        torch.cuda._sleep(50_000_000)
+        for x, t in zip(leaves, src):
+            x.copy_(t)
+        yield leaves
+    torch.cuda.current_stream().wait_stream(side)
+
+
 # ---------------------------------------------------------------- backend choice
 
 def forward_backward_on(model, backend: str, ops, forward):

@@ -21,7 +21,7 @@ from robustmm_fast import reference as ref
 from robustmm_fast.ops import cycle_reconstruction_loss
 from robustmm_fast.ops.cycle_loss import DISTANCE_CODES, _kernel, _ReferenceKernel
 
-from conftest import assert_close_dtype, require_cpp, run_on
+from conftest import assert_close_dtype, late_copies_on_side_stream, require_cpp, run_on
 from test_cycle_loss import (DISTANCES, DTYPE_IDS, MASKS, NAMES, OP, REDUCTIONS, REQUIRES,
                              _loss_fn, _opcheck_samples, make_inputs, poison)
 
@@ -411,16 +411,9 @@ def test_non_default_stream(gpu_backend):
     up = upstream_for(shape, "none", 41)
     kw = dict(distance="cosine", reduction="none")
     want = run(ref.cycle_reconstruction_loss, [t.clone().requires_grad_() for t in src], m, up, **kw)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        leaves = [torch.full_like(t, float("nan")) for t in src]
-        torch.cuda._sleep(50_000_000)
-        for x, t in zip(leaves, src):
-            x.copy_(t)
+    with late_copies_on_side_stream(src) as leaves:
         with run_on(gpu_backend, OP):
             got = run(cycle_reconstruction_loss, [x.requires_grad_() for x in leaves], m, up, **kw)
-    torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

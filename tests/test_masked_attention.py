@@ -203,8 +203,12 @@ def test_opcheck(backend, dropout_p):
 
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))
 def test_compile_fullgraph(backend, compiler):
-    q, k, v, present, lengths = make_inputs("awkward", "random", seed=13)
+    check_compile_fullgraph(*make_inputs("awkward", "random", seed=13), backend, compiler)
 
+
+def check_compile_fullgraph(q, k, v, present, lengths, backend, compiler):
+    """torch.compile(fullgraph=True) of a function of the op gives eager's output and
+    gradients, both on `backend`."""
     def fn(a, b, c, p):
         return masked_cross_attention(a * 1.0, b, c, present=p, key_lengths=lengths).sum(-1)
 

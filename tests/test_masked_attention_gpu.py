@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from robustmm_fast import _backend
 from robustmm_fast.ops.masked_attention import _kernel, _ReferenceKernel, masked_cross_attention
 from robustmm_fast.reference import masked_attention as ref
-from robustmm_fast.reference.philox import philox_uniform
 
 import test_masked_attention as tma
-from conftest import LOW_PRECISION, assert_close_dtype, require_cpp, run_on
+from attention_oracles import allowed_of, eager_lowp
+from conftest import (LOW_PRECISION, assert_close_dtype, late_copies_on_side_stream, require_cpp,
+                      run_on)
 from test_masked_attention import DTYPE_IDS, OP, PRESENCE, make_inputs, poison, run
 from test_masked_attention_layers import E, LENGTHS, _assert_same, _expand, _grads, _pair, _present, _qkv
 
@@ -97,36 +98,6 @@ def op_seed(s):
 def keep_of(q, k, kw):
     return ref.key_keep_mask(q.shape[0], k.shape[2], kw.get("present"), kw.get("key_lengths"),
                              kw.get("key_padding_mask"), q.device)
-
-
-def allowed_of(q, k, keep, is_causal):
-    """(B, Lq, Lk) bool: query i of sample b may attend to key j."""
-    B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
-    allowed = torch.ones(B, Lq, Lk, dtype=torch.bool, device=q.device)
-    if keep is not None:
-        allowed = allowed & keep[:, None, :]
-    if is_causal:
-        allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
-    return allowed
-
-
-def eager_lowp(q, k, v, *, present=None, key_lengths=None, key_padding_mask=None,
-               is_causal=False, dropout_p=0.0, scale=None, seed=0):
-    """PyTorch's own low-precision attention (matmuls and probabilities in q's dtype, as
-    flash-attention's attention_ref(upcast=False)): the baseline of the 2x error rule."""
-    B, H, Lq, d = q.shape
-    Lk = k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
-    keep = ref.key_keep_mask(B, Lk, present, key_lengths, key_padding_mask, q.device)
-    allowed = allowed_of(q, k, keep, is_causal)[:, None]
-    s = torch.where(allowed, torch.matmul(q, k.transpose(-1, -2)) * scale, float("-inf"))
-    a = torch.softmax(s.float(), dim=-1)
-    a = torch.where(allowed.any(-1, keepdim=True), a, 0.0).to(q.dtype)
-    if dropout_p > 0:
-        u = philox_uniform(seed, (B, H, Lq, Lk), device=q.device)
-        a = torch.where(u >= dropout_p, a / (1 - dropout_p), torch.zeros((), dtype=q.dtype,
-                                                                         device=q.device))
-    return torch.matmul(a, v)
 
 
 def check(q, k, v, dtype, *, rng=1234, poison_absent=True, **kw):
@@ -391,23 +362,7 @@ def test_opcheck(sample_idx, dropout_p):
 
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))
 def test_compile_fullgraph(compiler):
-    q, k, v, present, lengths = inputs("awkward", "random", seed=21)
-
-    def fn(a, b, c, p):
-        return masked_cross_attention(a * 1.0, b, c, present=p, key_lengths=lengths).sum(-1)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=compiler, fullgraph=True)
-    results = []
-    for f in (fn, compiled):
-        xs = [t.float().requires_grad_() for t in (q, k, v)]
-        with run_on("triton", OP):
-            out = f(*xs, present)
-            out.sum().backward()
-        results.append((out.detach(), [x.grad for x in xs]))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b)
+    tma.check_compile_fullgraph(*inputs("awkward", "random", seed=21), "triton", compiler)
 
 
 def test_matches_sdpa():
@@ -570,16 +525,9 @@ def test_non_default_stream():
     upstream = upstream_for(q)
     kw = dict(present=present, key_lengths=lengths)
     want = run(ref.masked_cross_attention, *src, torch.float32, upstream, **kw)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        leaves = [torch.full_like(t, float("nan")) for t in src]
-        torch.cuda._sleep(50_000_000)
-        for x, t in zip(leaves, src):
-            x.copy_(t)
+    with late_copies_on_side_stream(src) as leaves:
         with run_on("triton", OP):
             got = run(masked_cross_attention, *leaves, torch.float32, upstream, **kw)
-    torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ import robustmm_fast  # noqa: E402,F401
 from robustmm_fast.kernels import masked_attention as K  # noqa: E402
 from robustmm_fast.ops.masked_attention import _ReferenceKernel, masked_cross_attention  # noqa: E402
 from robustmm_fast.reference import masked_attention as ref  # noqa: E402
-from robustmm_fast.reference.philox import philox_uniform  # noqa: E402
+from attention_oracles import eager_lowp  # noqa: E402
 from conftest import assert_close_dtype, require_cpp, run_on  # noqa: E402
 
 pytestmark = pytest.mark.interpret
@@ -96,28 +96,6 @@ def grads_of(fn, xs, upstream, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in xs]
     out = fn(*leaves, **kw)
     return out.detach(), list(torch.autograd.grad(out, leaves, upstream.to(out.dtype)))
-
-
-def eager_lowp(q, k, v, *, present=None, key_lengths=None, key_padding_mask=None,
-               is_causal=False, dropout_p=0.0, scale=None, seed=0):
-    """PyTorch's own low-precision attention (matmuls and the probabilities in q's dtype, as
-    flash-attention's attention_ref(upcast=False)): the baseline of the 2x error rule."""
-    B, H, Lq, d = q.shape
-    Lk = k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
-    keep = ref.key_keep_mask(B, Lk, present, key_lengths, key_padding_mask, q.device)
-    allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool)
-    if keep is not None:
-        allowed = allowed & keep.view(B, 1, 1, Lk)
-    if is_causal:
-        allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool).tril()
-    s = torch.where(allowed, torch.matmul(q, k.transpose(-1, -2)) * scale, float("-inf"))
-    a = torch.softmax(s.float(), dim=-1)
-    a = torch.where(allowed.any(-1, keepdim=True), a, 0.0).to(q.dtype)
-    if dropout_p > 0:
-        u = philox_uniform(seed, (B, H, Lq, Lk))
-        a = torch.where(u >= dropout_p, a / (1 - dropout_p), torch.zeros((), dtype=q.dtype))
-    return torch.matmul(a, v)
 
 
 def check_against_reference(q, k, v, dtype, gen, **kw):

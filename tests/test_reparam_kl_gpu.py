@@ -24,7 +24,7 @@ from robustmm_fast.nn import GaussianBottleneck
 from robustmm_fast.ops import reparameterize_kl
 from robustmm_fast.reference.philox import philox_randn
 
-from conftest import assert_close_dtype, cpp_reason, run_on
+from conftest import assert_close_dtype, cpp_reason, late_copies_on_side_stream, run_on
 from test_reparam_kl import DTYPE_IDS, _fn_given_eps, _fn_in_kernel, _replay_seed, make_inputs, make_mask
 
 pytestmark = pytest.mark.gpu
@@ -401,16 +401,9 @@ def test_non_default_stream(gpu_backend):
     src, m = [on_gpu(t, torch.float32) for t in (mu, lv, eps, pm, plv)], on_gpu(m)
     gz, gk = upstream(shape, "none", torch.float32, 2)
     want = run(ref.reparameterize_kl, [t.clone().requires_grad_() for t in src], m, gz, gk)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        leaves = [torch.full_like(t, float("nan")) for t in src]
-        torch.cuda._sleep(50_000_000)
-        for x, t in zip(leaves, src):
-            x.copy_(t)
+    with late_copies_on_side_stream(src) as leaves:
         with run_on(gpu_backend):
             got = run(reparameterize_kl, [x.requires_grad_() for x in leaves], m, gz, gk)
-    torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     for name in want[2]:

@@ -133,9 +133,13 @@ def _harness_args(p, *, default_protocol: str, default_out: str) -> None:
                    help="handwritten (embedded, default) | mmsa:PATH.pkl | avmnist:DIR | "
                         "synthetic[:mosi|mosei]")
     p.add_argument("--protocol", default=default_protocol,
-                   help="missing-modality points to score, joined by '+': complete, subsets "
-                        "(every non-empty combination), eta[:0.1,0.3] (random missing rate; "
-                        f"default 0.1..0.5), instance:P (default {default_protocol})")
+                   help="missing-modality points to score, joined by '+' (CyIN's protocols): "
+                        "complete; subsets (every non-empty combination, one per point); "
+                        "eta[:0.1,0.3] (dataset-level missing rate: fraction of missing "
+                        "entries, each sample keeps >= 1, eta >= (M-1)/M keeps exactly one; "
+                        "default 0.1..0.5); instance:P[,P] (instance-level: with probability "
+                        "P a sample gets one of the 2^M-2 incomplete patterns, uniformly) "
+                        f"(default {default_protocol})")
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="e.g. 1111,1112 or 1111-1115 (default "
                         f"{','.join(map(str, DEFAULT_SEEDS))}; --quick: {DEFAULT_SEEDS[0]})")
@@ -201,7 +205,9 @@ def main(argv=None) -> int:
     eval_p = sub.add_parser("eval", help="score a trained model (best.pt) on a protocol")
     eval_p.add_argument("checkpoint", help="a best.pt written by robustmm train/run")
     eval_p.add_argument("--data", default="handwritten")
-    eval_p.add_argument("--protocol", default="complete+subsets+eta")
+    eval_p.add_argument("--protocol", default="complete+subsets+eta",
+                        help="as for run/train: complete, subsets, eta[:v,...], instance:v[,...] "
+                             "joined by '+' (default %(default)s)")
     eval_p.add_argument("--seeds", type=_seeds, default=[1111],
                         help="seeds of the data split and masks (default 1111)")
     eval_p.add_argument("--device", default="cpu")

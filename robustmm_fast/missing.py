@@ -5,14 +5,21 @@ the dataset's modality order. Randomness comes from a ``torch.Generator`` seeded
 so the same arguments give the same mask on every machine; masks are saved beside results
 (`save_masks` / `load_masks`) so every method is scored on the same ones.
 
-Protocols
+Protocols (as CyIN's evaluation defines them, trains/MissingProtocol.py; see
+docs/_fidelity_protocols.md for the line-by-line comparison)
 - `fixed_subsets(M)`: the 2^M - 1 non-empty combinations, row r = bitmask r + 1 (bit m set =
   modality m present), so rows run 1 0 0.., 0 1 0.., 1 1 0.., ... and the last row is complete.
-- `random_missing(N, M, eta, seed)`: CPM-Nets' missing rate (Zhang et al., NeurIPS'19, §3.2;
-  GCNet reuses CPM-Nets' `get_sn`): eta = missing entries / (N*M), every sample keeps >= 1
-  modality, so 0 <= eta <= (M-1)/M. See its docstring for how CPM-Nets' sampler is matched.
-- `instance_missing(N, M, prob, seed)`: each entry missing independently with probability
-  `prob`; a sample that would lose every modality keeps one uniformly chosen modality.
+  A fixed-subset point gives every sample the same row.
+- `random_missing(N, M, eta, seed)`: the dataset-level missing rate (CyIN; CPM-Nets'
+  `get_sn`, Zhang et al., NeurIPS'19, §3.2): eta = missing entries / (N*M), every sample keeps
+  >= 1 modality. 0 <= eta <= 1 is accepted; for eta >= (M-1)/M every sample keeps exactly one
+  uniformly chosen modality (observed rate (M-1)/M), as in CyIN. See its docstring.
+- `instance_missing(N, M, prob, seed)`: the instance-level missing probability (CyIN): with
+  probability `prob` a sample gets one of the 2^M - 2 incomplete non-empty patterns, uniformly;
+  otherwise it is complete. The incomplete fraction is `prob`.
+- `per_entry_missing(N, M, prob, seed)`: each entry missing independently with probability
+  `prob`, an all-missing sample keeps one uniformly chosen modality (what `instance_missing`
+  did before it followed CyIN; its incomplete fraction is 1 - (1-prob)^M, not prob).
 - `modality_dropout(present, p)`: the training augmentation (per-entry dropout that never
   removes a sample's last present modality).
 """
@@ -33,9 +40,10 @@ import torch
 from torch import Tensor
 
 __all__ = ["fixed_subsets", "subset_name", "random_missing", "instance_missing",
-           "modality_dropout", "save_masks", "load_masks"]
+           "per_entry_missing", "modality_dropout", "save_masks", "load_masks"]
 
 MAX_SUBSET_MODALITIES = 20  # 2^20 - 1 rows; more is certainly a mistake, not a protocol
+MAX_PATTERN_MODALITIES = 62  # instance_missing draws a pattern's bitmask as one int64
 _META_KEY = "__meta__"      # the npz entry holding the JSON metadata
 
 
@@ -103,31 +111,37 @@ def subset_name(row, names: Sequence[str]) -> str:
 # ---------------------------------------------------------------- random missing rate
 
 def random_missing(num_samples: int, num_modalities: int, rate: float, seed: int) -> Tensor:
-    """CPM-Nets' random missing rate: (N, M) bool with exactly K = round(eta*N*M) absent entries.
+    """Dataset-level missing rate eta: (N, M) bool, every sample keeps >= 1 modality.
 
-    eta = #missing / (N*M), valid for 0 <= eta <= (M-1)/M (every sample keeps >= 1 modality).
+    eta = #missing / (N*M), 0 <= eta <= 1.
 
-    CPM-Nets' `get_sn` (util/get_sn.py; GCNet copies it) gives each sample one protected
-    modality (uniform one-hot), adds an independent Bernoulli mask over all entries, and
-    redraws until the observed present rate is within 0.005 of 1 - eta. Given the protected
-    entries, the unprotected entries are then i.i.d., and i.i.d. Bernoulli entries conditioned
-    on their total are a uniformly random subset of that size. So this function draws
+    - eta < (M-1)/M: exactly K = round(eta*N*M) absent entries, so |observed - eta| <=
+      1/(2*N*M), which is <= 0.005 whenever N*M >= 100.
+    - eta >= (M-1)/M: every sample keeps exactly one modality, chosen uniformly (observed rate
+      (M-1)/M). CyIN (trains/MissingProtocol.py:54-60) takes this branch whenever the present
+      ratio 1 - eta is <= 1/M, so its evaluation rates 0.6 and 0.7 with M = 3 both mean "one
+      modality per sample". Every eta in this range gives the same mask for the same seed.
+
+    CyIN (MissingProtocol.py:62-95; CPM-Nets' `get_sn` is the same sampler) gives each sample
+    one protected modality (uniform one-hot), ORs it with an independent Bernoulli mask over
+    all entries, and redraws until the observed present ratio is within 0.005 of 1 - eta.
+    Given the protected entries, the unprotected entries are i.i.d., and i.i.d. Bernoulli
+    entries conditioned on their total are a uniformly random subset of that size. So this
+    function draws
 
         protected[i] ~ Uniform{0..M-1}                   one per sample
         missing     = K entries chosen uniformly among the N*(M-1) unprotected ones
 
-    (K rounds with Python's round, halves to even), i.e. CPM-Nets' distribution conditioned
-    on the nearest attainable count (the rejection
-    step conditions on a 0.005 window instead). Hence |observed - eta| <= 1/(2*N*M), which is
-    <= 0.005 whenever N*M >= 100. eta = 0 gives all present; eta = (M-1)/M keeps exactly the
-    protected modality of each sample (CPM-Nets' one-hot branch).
+    (K rounds with Python's round, halves to even, and is capped at N*(M-1)), i.e. CyIN's
+    distribution conditioned on the nearest attainable count (its rejection step conditions
+    on a 0.005 window instead). eta = 0 gives all present; M = 1 gives all present for every
+    eta (the one modality is each sample's protected one).
     """
     n = _check_int(num_samples, "num_samples", 0)
     m = _check_int(num_modalities, "num_modalities", 1)
-    eta = _check_fraction(rate, "rate", (m - 1) / m,
-                          f" (= (M-1)/M for M={m}, so every sample keeps >= 1 modality)")
+    eta = _check_fraction(rate, "rate")
     gen = _generator(seed)
-    k = min(round(eta * n * m), n * (m - 1))  # the min guards float round-up at the limit
+    k = min(round(eta * n * m), n * (m - 1))  # eta >= (M-1)/M: K = N*(M-1), one kept per sample
     present = torch.ones(n, m, dtype=torch.bool)
     if k == 0:
         return present
@@ -142,11 +156,49 @@ def random_missing(num_samples: int, num_modalities: int, rate: float, seed: int
 # ---------------------------------------------------------------- instance-level probability
 
 def instance_missing(num_samples: int, num_modalities: int, prob: float, seed: int) -> Tensor:
-    """Instance-level missing probability: (N, M) bool.
+    """Instance-level missing probability, as CyIN defines it: (N, M) bool.
+
+    With probability `prob` (0 <= prob <= 1) a sample gets one of the 2^M - 2 incomplete
+    non-empty patterns, chosen uniformly; otherwise it is complete. So the fraction of
+    incomplete samples is `prob`, each incomplete pattern has probability prob / (2^M - 2),
+    and the expected missing fraction of entries is prob / 2 (an incomplete pattern misses
+    M/2 entries on average, by symmetry of a pattern and its complement).
+
+    CyIN (trains/MissingProtocol.py:98-112) lists the six patterns for M = 3, draws one per
+    sample uniformly, then a Bernoulli(prob) per sample (u < prob) decides whether it applies;
+    this function draws in the same order: pattern bitmask b ~ Uniform{1..2^M-2} (bit m set =
+    modality m present), then u ~ U[0, 1), pattern applied where u < prob. For the same seed
+    the incomplete samples at a smaller prob stay incomplete, with the same pattern, at a
+    larger one. M = 1 has no incomplete non-empty pattern: only prob = 0 is valid there.
+    """
+    n = _check_int(num_samples, "num_samples", 0)
+    m = _check_int(num_modalities, "num_modalities", 1)
+    p = _check_fraction(prob, "prob")
+    if m > MAX_PATTERN_MODALITIES:
+        raise ValueError(f"num_modalities must be <= {MAX_PATTERN_MODALITIES} for the instance "
+                         f"protocol, got {m}")
+    gen = _generator(seed)
+    present = torch.ones(n, m, dtype=torch.bool)
+    if p == 0.0 or n == 0:
+        return present
+    if m == 1:
+        raise ValueError(f"prob must be 0 for one modality (no incomplete non-empty pattern "
+                         f"exists), got {p!r}")
+    bits = torch.randint(1, 2 ** m - 1, (n,), generator=gen, dtype=torch.int64)  # (N,) 1..2^M-2
+    pattern = (bits[:, None] >> torch.arange(m, dtype=torch.int64)) & 1 == 1      # (N, M)
+    apply = torch.rand(n, generator=gen) < p                                        # (N,)
+    present[apply] = pattern[apply]
+    return present
+
+
+def per_entry_missing(num_samples: int, num_modalities: int, prob: float, seed: int) -> Tensor:
+    """Per-entry missing probability: (N, M) bool (not CyIN's instance-level protocol).
 
     Each entry is missing independently with probability `prob` (0 <= prob <= 1); a sample whose
     every entry came out missing keeps one modality chosen uniformly. The expected missing
-    fraction is therefore prob - prob^M / M (prob = 1 keeps exactly one modality per sample).
+    fraction is therefore prob - prob^M / M and the incomplete fraction 1 - (1 - prob)^M
+    (M = 3, prob = 0.7: 97.3% of samples incomplete); prob = 1 keeps exactly one modality per
+    sample. This was `instance_missing` before that followed CyIN.
     """
     n = _check_int(num_samples, "num_samples", 0)
     m = _check_int(num_modalities, "num_modalities", 1)

@@ -51,7 +51,11 @@ def load_data(spec: str, seed: int):
 
 def parse_protocol(spec: str) -> list[tuple[str, Optional[float]]]:
     """'complete', 'subsets', 'eta' (0.1..0.5) or 'eta:0.1,0.3', 'instance:0.3', joined by '+'
-    -> [(kind, value), ...]."""
+    -> [(kind, value), ...]. The protocols are CyIN's (see robustmm_fast.missing):
+    subsets = every non-empty modality combination, given to every sample; eta = dataset-level
+    missing rate (fraction of missing entries, each sample keeps >= 1; eta >= (M-1)/M keeps
+    exactly one per sample); instance:p = with probability p a sample gets one of the 2^M - 2
+    incomplete non-empty patterns, uniformly, otherwise it is complete. Values lie in [0, 1]."""
     out: list[tuple[str, Optional[float]]] = []
     for part in spec.split("+"):
         kind, _, values = part.strip().lower().partition(":")
@@ -67,6 +71,9 @@ def parse_protocol(spec: str) -> list[tuple[str, Optional[float]]]:
                 raise ValueError(f"protocol {part!r}: values must be numbers, e.g. eta:0.1,0.3") from None
             if not nums:
                 raise ValueError(f"protocol {kind!r} needs a probability, e.g. instance:0.3")
+            for v in nums:
+                if not 0.0 <= v <= 1.0:  # also rejects nan
+                    raise ValueError(f"protocol {part!r}: values must be in [0, 1], got {v!r}")
             out.extend((kind, v) for v in nums)
         else:
             raise ValueError(f"protocol must be complete, subsets, eta[:v,...] or instance:v "
@@ -76,7 +83,9 @@ def parse_protocol(spec: str) -> list[tuple[str, Optional[float]]]:
 
 def protocol_masks(dataset, protocol: Sequence[tuple[str, Optional[float]]], seed: int,
                    split: str = "test") -> dict[str, torch.Tensor]:
-    """{point name: (n_split, M) bool} for every point of the protocol, drawn once per seed."""
+    """{point name: (n_split, M) bool} for every point of the protocol, drawn once per seed
+    over the whole split (`seed` seeds every random point), so every method meets the same
+    masks. Names: "complete", "subset:<a+b>", "eta:<v>", "instance:<v>"."""
     from .missing import fixed_subsets, instance_missing, random_missing, subset_name
     n, M = dataset.split_size(split), dataset.num_modalities
     masks: dict[str, torch.Tensor] = {}

@@ -1,5 +1,7 @@
-"""Missing-modality protocols (robustmm_fast.missing): rates, >= 1 modality per sample, seeding,
-the CPM-Nets distribution, modality dropout statistics, and mask files.
+"""Missing-modality protocols (robustmm_fast.missing) against CyIN's definitions
+(trains/MissingProtocol.py): rates, >= 1 modality per sample, seeding, the dataset-level
+distribution (and rates above (M-1)/M), the instance-level pattern frequencies, the per-entry
+variant, modality dropout statistics, and mask files.
 
 Statistical checks use fixed seeds and tolerances of about 5 standard deviations of the
 estimate (stated at each check), so they cannot flake and still catch a wrong formula.
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from robustmm_fast.missing import (fixed_subsets, instance_missing, load_masks, modality_dropout,
-                                   random_missing, save_masks, subset_name)
+                                   per_entry_missing, random_missing, save_masks, subset_name)
 
 RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -86,11 +88,10 @@ def test_random_missing_limits():
     # eta = (M-1)/M: every sample keeps exactly its one protected modality
     at_limit = random_missing(300, 3, 2 / 3, seed=3)
     assert (at_limit.sum(dim=1) == 1).all()
-    assert random_missing(4, 1, 0.0, seed=0).all()   # one modality: only eta = 0 is valid
-    with pytest.raises(ValueError, match=r"rate.*\(M-1\)/M"):
-        random_missing(10, 2, 0.51, seed=0)
+    assert random_missing(4, 1, 0.0, seed=0).all()   # one modality: always all present
+    assert random_missing(10, 1, 0.1, seed=0).all()
     with pytest.raises(ValueError, match="rate"):
-        random_missing(10, 1, 0.1, seed=0)
+        random_missing(10, 3, 1.01, seed=0)
     with pytest.raises(ValueError, match="rate"):
         random_missing(10, 3, -0.1, seed=0)
     with pytest.raises(ValueError, match="rate"):
@@ -106,6 +107,26 @@ def test_random_missing_limits():
     with pytest.raises(TypeError, match="seed"):
         random_missing(10, 3, 0.1, seed=1.5)
     assert random_missing(0, 3, 0.3, seed=0).shape == (0, 3)
+
+
+@pytest.mark.parametrize("m", [2, 3, 6])
+def test_random_missing_above_limit_keeps_exactly_one(m):
+    # CyIN (MissingProtocol.py:54-60): present ratio 1 - eta <= 1/M -> each sample keeps one
+    # modality, uniformly. Rates strictly above (M-1)/M (CyIN evaluates 0.6 and 0.7 for M = 3)
+    # and 1.0 are accepted and all give the same mask as eta = (M-1)/M for the same seed.
+    n = 30000
+    limit = random_missing(n, m, (m - 1) / m, seed=21)
+    assert (limit.sum(dim=1) == 1).all()
+    for eta in sorted({min(1.0, (m - 1) / m + 0.01), 0.7, 0.9, 1.0}):
+        if eta <= (m - 1) / m:
+            continue
+        mask = random_missing(n, m, eta, seed=21)
+        assert (mask.sum(dim=1) == 1).all(), eta
+        assert torch.equal(mask, limit), eta
+    # the kept modality is uniform: each column ~ Binomial(n, 1/M), within 4 sigma
+    q = 1 / m
+    sigma = (n * q * (1 - q)) ** 0.5
+    assert ((limit.sum(dim=0).double() - n * q).abs() <= 4 * sigma).all()
 
 
 def test_random_missing_seeding():
@@ -133,9 +154,86 @@ def test_random_missing_matches_cpm_nets_distribution():
 
 # ---------------------------------------------------------------- instance-level probability
 
-def test_instance_missing_rate_and_rescue():
+def _pattern_codes(mask):
+    """Row -> bitmask sum_m mask[m] * 2^m (int64)."""
+    return (mask.long() << torch.arange(mask.shape[1])).sum(dim=1)
+
+
+@pytest.mark.parametrize("m", [2, 3, 6])
+@pytest.mark.parametrize("p", [0.3, 0.7])
+def test_instance_missing_follows_cyin(m, p):
+    # CyIN (MissingProtocol.py:98-112): with probability p a sample gets one of the 2^M - 2
+    # incomplete non-empty patterns, uniformly; otherwise it is complete.
+    n = 200_000
+    mask = instance_missing(n, m, p, seed=1111)
+    assert mask.dtype == torch.bool and mask.shape == (n, m) and mask.device.type == "cpu"
+    assert mask.any(dim=1).all()                       # never an empty pattern
+    incomplete = ~mask.all(dim=1)
+    k = int(incomplete.sum())
+    # incomplete fraction ~ Binomial(n, p) / n: within 4 sigma of p
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(k / n - p) <= 4 * sigma, (m, p, k / n)
+    # given k incomplete samples, each pattern's count ~ Binomial(k, 1/(2^M - 2)): every one of
+    # the 2^M - 2 patterns within 4 sigma of 1/(2^M - 2), and no other pattern occurs
+    n_pat = 2 ** m - 2
+    counts = torch.bincount(_pattern_codes(mask[incomplete]), minlength=2 ** m).double()
+    assert counts[0] == 0 and counts[-1] == 0          # not empty, not complete
+    q = 1 / n_pat
+    sigma_q = (q * (1 - q) / k) ** 0.5
+    freq = counts[1:-1] / k
+    assert ((freq - q).abs() <= 4 * sigma_q).all(), (m, p, (freq - q).abs().max() / sigma_q)
+    # missing entries per sample X: 0 if complete, M - |b| for a uniform incomplete pattern b;
+    # E[X] = p*M/2 (a pattern and its complement are equally likely), so the missing fraction
+    # of entries is within 4 sigma of p/2, sigma = sqrt(Var X / n) / M
+    sizes = fixed_subsets(m)[:-1].sum(dim=1).double()        # |b| of the 2^M - 2 patterns
+    ex2 = p * ((m - sizes) ** 2).mean().item()
+    sigma_x = ((ex2 - (p * m / 2) ** 2) / n) ** 0.5 / m
+    assert abs((~mask).double().mean().item() - p / 2) <= 4 * sigma_x
+
+
+def test_instance_missing_issue_example():
+    # M = 3, p = 0.7: 70% of samples incomplete (the per-entry variant leaves 97.3%)
+    n, m, p = 100_000, 3, 0.7
+    frac = (~instance_missing(n, m, p, seed=5).all(dim=1)).double().mean().item()
+    assert abs(frac - p) <= 4 * (p * (1 - p) / n) ** 0.5
+    per_entry = (~per_entry_missing(n, m, p, seed=5).all(dim=1)).double().mean().item()
+    expected = 1 - (1 - p) ** m                                         # 0.973
+    assert abs(per_entry - expected) <= 4 * (expected * (1 - expected) / n) ** 0.5
+
+
+def test_instance_missing_edges_and_seeding():
+    assert instance_missing(50, 4, 0.0, seed=0).all()
+    assert instance_missing(50, 1, 0.0, seed=0).all()
+    one = instance_missing(1000, 3, 1.0, seed=0)       # p = 1: every sample incomplete
+    assert not one.all(dim=1).any() and one.any(dim=1).all()
+    assert instance_missing(0, 3, 0.5, seed=0).shape == (0, 3)
+    a = instance_missing(100, 6, 0.5, seed=1)
+    assert torch.equal(a, instance_missing(100, 6, 0.5, seed=1))
+    assert not torch.equal(a, instance_missing(100, 6, 0.5, seed=2))
+    # same seed: incomplete samples at a smaller p keep their pattern at a larger p
+    lo, hi = instance_missing(5000, 3, 0.3, seed=9), instance_missing(5000, 3, 0.7, seed=9)
+    lo_inc = ~lo.all(dim=1)
+    assert torch.equal(lo[lo_inc], hi[lo_inc]) and (~hi.all(dim=1))[lo_inc].all()
+    # many modalities: still one pattern per sample, never empty or complete
+    wide = instance_missing(2000, 40, 1.0, seed=3)
+    assert wide.any(dim=1).all() and not wide.all(dim=1).any()
+    with pytest.raises(ValueError, match="one modality"):
+        instance_missing(10, 1, 0.5, seed=0)
+    with pytest.raises(ValueError, match="num_modalities"):
+        instance_missing(10, 63, 0.5, seed=0)
+    with pytest.raises(ValueError, match="prob"):
+        instance_missing(10, 3, 1.5, seed=0)
+    with pytest.raises(ValueError, match="prob"):
+        instance_missing(10, 3, -0.5, seed=0)
+    with pytest.raises(TypeError, match="prob"):
+        instance_missing(10, 3, None, seed=0)
+
+
+# ---------------------------------------------------------------- per-entry variant
+
+def test_per_entry_missing_rate_and_rescue():
     n, m, p = 20000, 3, 0.3
-    mask = instance_missing(n, m, p, seed=7)
+    mask = per_entry_missing(n, m, p, seed=7)
     assert mask.dtype == torch.bool and mask.shape == (n, m)
     assert mask.any(dim=1).all()
     # expected missing fraction p - p^M / M (an all-missing sample gets one back) = 0.291;
@@ -144,22 +242,20 @@ def test_instance_missing_rate_and_rescue():
     assert abs((1 - mask.float().mean().item()) - expected) < 0.01
 
 
-def test_instance_missing_edges_and_seeding():
-    assert instance_missing(50, 4, 0.0, seed=0).all()
-    one = instance_missing(30000, 3, 1.0, seed=0)
+def test_per_entry_missing_edges_and_seeding():
+    assert per_entry_missing(50, 4, 0.0, seed=0).all()
+    one = per_entry_missing(30000, 3, 1.0, seed=0)
     assert (one.sum(dim=1) == 1).all()
     # the kept modality is uniform: each column ~ Binomial(30000, 1/3), std 82, tolerance 450
     counts = one.sum(dim=0)
     assert (counts - 10000).abs().max().item() < 450
-    a = instance_missing(100, 6, 0.5, seed=1)
-    assert torch.equal(a, instance_missing(100, 6, 0.5, seed=1))
-    assert not torch.equal(a, instance_missing(100, 6, 0.5, seed=2))
+    a = per_entry_missing(100, 6, 0.5, seed=1)
+    assert torch.equal(a, per_entry_missing(100, 6, 0.5, seed=1))
+    assert not torch.equal(a, per_entry_missing(100, 6, 0.5, seed=2))
     with pytest.raises(ValueError, match="prob"):
-        instance_missing(10, 3, 1.5, seed=0)
-    with pytest.raises(ValueError, match="prob"):
-        instance_missing(10, 3, -0.5, seed=0)
+        per_entry_missing(10, 3, 1.5, seed=0)
     with pytest.raises(TypeError, match="prob"):
-        instance_missing(10, 3, None, seed=0)
+        per_entry_missing(10, 3, None, seed=0)
 
 
 # ---------------------------------------------------------------- modality dropout

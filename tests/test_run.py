@@ -25,10 +25,36 @@ def test_parse_protocol():
     assert parse_protocol("subsets+eta:0.1,0.3") == [("subsets", None), ("eta", 0.1), ("eta", 0.3)]
     assert parse_protocol("eta") == [("eta", v) for v in (0.1, 0.2, 0.3, 0.4, 0.5)]
     assert parse_protocol("instance:0.25") == [("instance", 0.25)]
+    assert parse_protocol("eta:0.7,1") == [("eta", 0.7), ("eta", 1.0)]   # above (M-1)/M: accepted
+    assert parse_protocol("instance:0.1,1.0") == [("instance", 0.1), ("instance", 1.0)]
     for bad, match in (("sometimes", "protocol must be"), ("instance", "needs a probability"),
-                       ("eta:x", "must be numbers"), ("complete:1", "takes no value")):
+                       ("eta:x", "must be numbers"), ("complete:1", "takes no value"),
+                       ("eta:1.5", r"in \[0, 1\]"), ("instance:-0.1", r"in \[0, 1\]"),
+                       ("instance:nan", r"in \[0, 1\]")):
         with pytest.raises(ValueError, match=match):
             parse_protocol(bad)
+
+
+class _Split:
+    """The three things protocol_masks reads from a dataset."""
+    modalities = ["text", "audio", "vision"]
+    num_modalities = 3
+
+    def split_size(self, split):
+        return 30000
+
+
+def test_protocol_masks_follow_cyin():
+    masks = protocol_masks(_Split(), parse_protocol("subsets+eta:0.3,0.7+instance:0.7"), seed=1111)
+    assert [k for k in masks if k.startswith("subset:")] == [
+        "subset:text", "subset:audio", "subset:text+audio", "subset:vision", "subset:text+vision",
+        "subset:audio+vision", "subset:text+audio+vision"]
+    assert all((m == m[0]).all() for k, m in masks.items() if k.startswith("subset:"))
+    assert abs((~masks["eta:0.3"]).double().mean().item() - 0.3) <= 0.005
+    assert (masks["eta:0.7"].sum(dim=1) == 1).all()     # 0.7 > 2/3: one modality per sample
+    inst = masks["instance:0.7"]
+    frac = (~inst.all(dim=1)).double().mean().item()  # CyIN: 70% incomplete, not 97%
+    assert abs(frac - 0.7) <= 4 * (0.7 * 0.3 / 30000) ** 0.5 and inst.any(dim=1).all()
 
 
 def test_protocol_masks_are_the_protocols():

@@ -60,24 +60,40 @@ def _net_index(M, shared, m, n):
     return half.index((m, n)) if m < n else len(half) + half.index((n, m))
 
 
-def _manual_translate(tr: CycleTranslator, x, m, n):
-    """G_{m->n}(x): MMIN's ResidualAE with network (m, n)'s slices of the stacked weights."""
+def _manual_layer(x, w, b, taps, mask):
+    """One translator layer: F.linear per token, or F.conv1d over time (x (..., L, C))."""
+    if w.dim() == 2:
+        return F.linear(x, w, b)
+    lead, L = x.shape[:-2], x.shape[-2]
+    y = F.conv1d(x.reshape(-1, L, x.shape[-1]).transpose(1, 2), w, b, padding=taps // 2)
+    y = y.transpose(1, 2).reshape(*lead, L, -1)
+    return y if mask is None else torch.where(mask.unsqueeze(-1), y, 0)
+
+
+def _manual_translate(tr: CycleTranslator, x, m, n, mask=None):
+    """G_{m->n}(x): MMIN's / CyIN's ResidualAE with network (m, n)'s slices of the stacked
+    weights (Conv1d layers when kernel_size > 1; mask (..., L) zeroes padding after each)."""
     t = _net_index(tr.num_modalities, tr.shared, m, n)
     E = len(tr.widths)
-    W, Bs = [w[:, t] for w in tr.weight], [b[:, t] for b in tr.bias]
+    W = [w[:, t] for w in tr.weight]
+    Bs = [b[:, t] for b in tr.bias] if tr.bias is not None else [[None] * tr.n_blocks] * len(W)
+    k = tr.kernel_size
+    if mask is not None:
+        x = torch.where(mask.unsqueeze(-1), x, 0)
     h = x
-    for k in range(tr.n_blocks):
+    for blk in range(tr.n_blocks):
         y = h
         for j in range(E):  # encoder D -> widths, LeakyReLU between layers
-            y = F.linear(y, W[j][k], Bs[j][k])
+            y = _manual_layer(y, W[j][blk], Bs[j][blk], k, mask)
             y = F.leaky_relu(y) if j < E - 1 else y
         for j in range(E, 2 * E):  # decoder widths reversed -> D, ReLU between layers
-            y = F.linear(y, W[j][k], Bs[j][k])
+            y = _manual_layer(y, W[j][blk], Bs[j][blk], 1 if j == 2 * E - 1 else k, mask)
             y = F.relu(y) if j < 2 * E - 1 else y
         h = h + y
     if tr.transition:
-        tw, tb = tr.transition_weight[:, t], tr.transition_bias[:, t]
-        h = F.linear(F.relu(F.linear(h, tw[0], tb[0])), tw[1], tb[1])
+        tw = tr.transition_weight[:, t]
+        tb = tr.transition_bias[:, t] if tr.transition_bias is not None else (None, None)
+        h = _manual_layer(F.relu(_manual_layer(h, tw[0], tb[0], k, mask)), tw[1], tb[1], k, mask)
     return h
 
 
@@ -92,33 +108,46 @@ def _manual(layer: CycleConsistency, z, present, token_mask=None):
     if token_mask is not None:
         keep = keep & token_mask.unsqueeze(-1)
     z = torch.where(keep, z, 0)
-    rows, trans = {}, {}  # rows: key -> (forward distance, cycle distance, row mask)
+    tmask = None if token_mask is None else token_mask.expand(z.shape[1:-1])
+    rows, trans, cycles = {}, {}, {}  # rows: key -> (forward distance, cycle distance, row mask)
     for m, n in itertools.permutations(range(M), 2):
-        f = trans[m, n] = _manual_translate(tr, z[m], m, n)
-        c = _manual_translate(tr, f, n, m)
+        f = trans[m, n] = _manual_translate(tr, z[m], m, n, tmask)
+        c = cycles[m, n] = _manual_translate(tr, f, n, m, tmask)
         rows[m, n] = (dist(f, z[n]), dist(c, z[m]), present[:, m] & present[:, n])
     recon = []
     for n in range(M):
         srcs = [m for m in range(M) if m != n]
-        total = sum(torch.where(col(m), trans[m, n], 0) for m in srcs)
         count = sum(present[:, m].double() for m in srcs)
-        if layer.combine == "mean":
-            total = total / count.clamp_min(1).view(-1, *tail)
+        def combine(parts):
+            total = sum(torch.where(col(m), part, 0) for m, part in parts)
+            if layer.combine == "mean":
+                total = total / count.clamp_min(1).view(-1, *tail)
+            return total
+        total = combine([(m, trans[m, n]) for m in srcs])
         recon.append(torch.where(col(n), z[n], total))
         if layer.combination_loss:
             fd = dist(total, z[n])
-            rows["comb", n] = (fd, torch.zeros_like(fd), present[:, n] & (count >= 2))
+            if layer.objective == "cyin":  # n -> k -> n through every present k, combined
+                cd = dist(combine([(k, cycles[n, k]) for k in srcs]), z[n])
+            else:
+                cd = torch.zeros_like(fd)
+            rows["comb", n] = (fd, cd, present[:, n] & (count >= 2))
     order = list(layer.pairs) + ([("comb", n) for n in range(M)] if layer.combination_loss else [])
     fw, cy, mask = (torch.stack([rows[k][i] for k in order]) for i in range(3))
     mask = mask.view(*mask.shape, *tail[1:]).expand(fw.shape)
     if token_mask is not None:
         mask = mask & token_mask
     fw, cy = torch.where(mask, fw, 0), torch.where(mask, cy, 0)
-    if args["reduction"] != "none":  # each group (pairs, combinations) over its own rows
+    if args["reduction"] == "sum":
+        fw, cy = fw.sum(), cy.sum()
+    elif args["reduction"] == "mean" and layer.objective == "cyin":  # mean of the term means
+        terms = range(len(order))
+        means = lambda x: [x[t].sum() / mask[t].sum() for t in terms if mask[t].any()]  # noqa: E731
+        fw, cy = (torch.stack(means(x)).mean() if mask.any() else x.sum() * 0 for x in (fw, cy))
+    elif args["reduction"] == "mean":  # "grouped": each group (pairs, combinations) pooled
         P = len(layer.pairs)
         def reduce(x):
-            parts = [x[g].sum() / (mask[g].sum().clamp_min(1) if args["reduction"] == "mean" else 1)
-                     for g in (slice(0, P), slice(P, None))]
+            parts = [x[g].sum() / mask[g].sum().clamp_min(1) for g in (slice(0, P), slice(P, None))]
             return parts[0] + parts[1]
         fw, cy = reduce(fw), reduce(cy)
     loss = args["forward_weight"] * fw + args["cycle_weight"] * cy
@@ -223,11 +252,12 @@ def test_matches_manual(backend, M, shared, combine):
     _check_against_manual(backend, layer, _z(M), _present(M))
 
 
+@pytest.mark.parametrize("objective", ("cyin", "grouped"))
 @pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
 @pytest.mark.parametrize("distance", ("mse", "l1", "smooth_l1", "cosine"))
-def test_distances_and_reductions(backend, distance, reduction):
+def test_distances_and_reductions(backend, distance, reduction, objective):
     layer = _layer(3, distance=distance, reduction=reduction, forward_weight=0.7,
-                   cycle_weight=1.3, beta=0.5)
+                   cycle_weight=1.3, beta=0.5, objective=objective)
     out = _check_against_manual(backend, layer, _z(3), _present(3))
     if reduction == "none":  # P pair rows + M combination rows, per token
         assert out.loss.shape == out.forward_term.shape == (6 + 3, B, L)
@@ -257,9 +287,12 @@ def test_combination_rows(backend):
         two = _layer(2, reduction="none")(z[:2], present[:, :2])
     assert on.loss.shape[0] == 9 and off.loss.shape[0] == 6 and two.loss.shape[0] == 2
     torch.testing.assert_close(on.loss[:6], off.loss)
-    assert not on.cycle_term[6:].any()
     comb_rows = present & (present.sum(1, keepdim=True) - present.long() >= 2)  # (B, M)
     assert torch.equal(on.loss[6:].ne(0).any(-1), comb_rows.t())
+    assert torch.equal(on.cycle_term[6:].ne(0).any(-1), comb_rows.t())  # cycles of the sums
+    with run_on(backend, "cycle_loss"):
+        grouped = _layer(3, reduction="none", objective="grouped")(z, present)
+    assert not grouped.cycle_term[6:].any()  # the earlier objective: no combination cycles
     _check_against_manual(backend, _layer(3, combination_loss=False), z, present)
 
 
@@ -350,7 +383,7 @@ def test_nan_in_absent_latents_does_not_leak(backend, M, shared):
     for a, b in zip(*results):
         assert torch.isfinite(a).all()
         assert torch.equal(a, b)
-    assert not results[0][4][absent.expand(M, B, L, D)].any(), "absent latents got a gradient"
+    assert not results[0][len(out)][absent.expand(M, B, L, D)].any(), "absent latents got a gradient"
 
 
 def test_token_mask(backend):
@@ -453,6 +486,9 @@ def test_state_dict_round_trip(backend):
     (dict(num_modalities=3, dim=4, cycle_weight=-1.0), "cycle_weight"),
     (dict(num_modalities=3, dim=4, forward_weight=float("nan")), "forward_weight"),
     (dict(num_modalities=3, dim=4, beta=-0.5), "beta"),
+    (dict(num_modalities=3, dim=4, objective="pairs"), "objective"),
+    (dict(num_modalities=3, dim=4, kernel_size=2), "kernel_size"),
+    (dict(num_modalities=3, dim=4, kernel_size=0), "kernel_size"),
 ])
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -479,3 +515,106 @@ def test_bad_forward_input():
 def test_extra_repr():
     text = repr(CycleConsistency(3, D, widths=WIDTHS, n_blocks=BLOCKS, shared=True, combine="mean"))
     assert "shared=True" in text and "'mean'" in text and f"widths={WIDTHS}" in text
+
+
+# ---------------------------------------------------------------- CyIN's official translators
+
+def _official_rae(tr: CycleTranslator, t: int, x):
+    """CyIN's ResidualAE.forward written as the official code does it (channels first,
+    x (N, D, L); x_in accumulates x_out; transition(x_in + x_out)), on network t's weights."""
+    E = len(tr.widths)
+
+    def conv(h, w):  # nn.Conv1d(bias=False, padding=k // 2); kernel 1 is stored as (out, in)
+        w = w if w.dim() == 3 else w.unsqueeze(-1)
+        return F.conv1d(h, w, padding=w.shape[-1] // 2)
+    x_in, x_out = x, torch.zeros_like(x)
+    for blk in range(tr.n_blocks):
+        x_in = x_in + x_out
+        h = x_in
+        for j in range(E):
+            h = conv(h, tr.weight[j][blk, t])
+            h = F.leaky_relu(h) if j < E - 1 else h  # "delete the activation of the last layer"
+        for j in range(E, 2 * E):
+            h = conv(h, tr.weight[j][blk, t])
+            h = F.relu(h) if j < 2 * E - 1 else h
+        x_out = h
+    tw = tr.transition_weight[:, t]
+    return conv(F.relu(conv(x_in + x_out, tw[0])), tw[1])
+
+
+@pytest.mark.parametrize("kernel", (3, 1))
+def test_cyin_official_objective_nine_plus_nine(backend, kernel):
+    """CyIN's TRANSLATE_loss for complete l, a, v, restated term by term from the official code
+    (models/generationBased/CyIN.py, generation_stage branch): 6 pair + 3 sum forward terms and
+    the same 9 cycle terms, each nn.MSELoss, each sum weighted 1/9; netRAE_LA / LV / AV shared
+    by both directions. The layer with the official settings gives the same value and grads."""
+    torch.manual_seed(0)
+    layer = CycleConsistency(3, D, widths=WIDTHS, n_blocks=BLOCKS, shared=True, combine="sum",
+                             kernel_size=kernel, bias=False).double()
+    tr = layer.translator
+    zl, za, zv = _z(3).unbind(0)  # (B, L, D) each
+    z = torch.stack([zl, za, zv]).requires_grad_()
+    with run_on(backend, "cycle_loss"):
+        out = layer(z)
+        out.loss.backward()
+    got_grad = z.grad.clone()
+    z.grad = None
+    zl, za, zv = (x.transpose(1, 2) for x in z.unbind(0))  # official layout (N, D, L)
+    LA, LV, AV = (lambda x, t=t: _official_rae(tr, t, x) for t in range(3))  # pairs (0,1),(0,2),(1,2)
+    mse = F.mse_loss
+    a_l, v_l = LA(za), LV(zv)
+    l_a, v_a = LA(zl), AV(zv)
+    l_v, a_v = LV(zl), AV(za)
+    forward = (mse(a_l, zl) + mse(v_l, zl) + mse(a_l + v_l, zl) + mse(l_a, za) + mse(v_a, za)
+               + mse(l_a + v_a, za) + mse(l_v, zv) + mse(a_v, zv) + mse(l_v + a_v, zv)) / 9
+    a_l_r, v_l_r = LA(l_a), LV(l_v)
+    l_a_r, v_a_r = LA(a_l), AV(a_v)
+    l_v_r, a_v_r = LV(v_l), AV(v_a)
+    cycle = (mse(a_l_r, zl) + mse(v_l_r, zl) + mse(a_l_r + v_l_r, zl) + mse(l_a_r, za)
+             + mse(v_a_r, za) + mse(l_a_r + v_a_r, za) + mse(l_v_r, zv) + mse(a_v_r, zv)
+             + mse(l_v_r + a_v_r, zv)) / 9
+    want = forward + cycle
+    torch.testing.assert_close(out.loss, want)
+    torch.testing.assert_close(out.forward_term, forward.detach())
+    torch.testing.assert_close(out.cycle_term, cycle.detach())
+    want.backward()
+    torch.testing.assert_close(got_grad, z.grad)
+
+
+def test_temporal_kernel_sees_neighbours_and_respects_padding():
+    """kernel_size 3: a token's translation depends on its neighbours (not with kernel 1); a
+    sequence padded at the end (token mask) translates as the unpadded one, whatever the padding
+    holds; parameters are Conv1d-shaped, no bias."""
+    torch.manual_seed(0)
+    tr = CycleTranslator(3, D, WIDTHS, BLOCKS, shared=True, kernel_size=3, bias=False).double()
+    assert tr.bias is None and tr.transition_bias is None
+    assert tr.weight[0].shape == (BLOCKS, 3, WIDTHS[0], D, 3) and tr.weight[-1].shape[-1] == 1
+    dims = (D, *WIDTHS, *WIDTHS[-2::-1], D)
+    taps = [3] * (len(dims) - 2) + [1]
+    one = BLOCKS * sum(i * o * k for i, o, k in zip(dims, dims[1:], taps)) + 2 * D * D * 3
+    assert sum(p.numel() for p in tr.parameters()) == 3 * one
+    x = torch.randn(6, 2, 5, D, dtype=torch.float64)
+    y = tr(x)
+    x2 = x.clone()
+    x2[:, :, 3] += 1.0  # change token 3: token 2 (a neighbour) moves, so does token 0 via depth
+    assert not torch.allclose(tr(x2)[:, :, 2], y[:, :, 2])
+    for p in range(6):
+        torch.testing.assert_close(y[p], _manual_translate(tr, x[p], *tr.pairs[p]))
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    padded = x.clone()
+    padded[:, 1, 3:] = float("nan")
+    out = tr(padded, mask=mask)
+    torch.testing.assert_close(out[:, 0], tr(x[:, :1])[:, 0])
+    torch.testing.assert_close(out[:, 1, :3], tr(x[:, 1:2, :3])[:, 0])
+    assert not out[:, 1, 3:].any()
+
+
+@pytest.mark.parametrize("shared", (False, True), ids=("per-direction", "shared"))
+def test_matches_manual_conv_translators(backend, shared):
+    """The layer with CyIN's Conv1d translators (kernel 3, no bias) and a token mask equals the
+    loop restatement (values and every gradient)."""
+    z, present = _z(3), _present(3)
+    token_mask = torch.ones(B, L, dtype=torch.bool)
+    token_mask[1:3, -1] = False
+    layer = _layer(3, shared=shared, kernel_size=3, bias=False)
+    _check_against_manual(backend, layer, z, present, token_mask)

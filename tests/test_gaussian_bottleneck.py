@@ -289,3 +289,24 @@ def test_state_dict_round_trip(head):
 def test_extra_repr():
     text = repr(GaussianBottleneck(IN, LATENT, hidden_dim=HIDDEN, reduction="mean"))
     assert f"in_dim={IN}" in text and f"latent_dim={LATENT}" in text and "'mean'" in text
+
+
+def test_joint_head_is_cyin_encoder(backend):
+    """joint_head: one Linear-ReLU-Linear(hidden, 2 latent) whose halves are mu and logvar, as
+    CyIN's Encoder (Conv1d k1 -> ReLU -> Conv1d k1 to 2 IB_btnk_dim, then chunk(2, dim=1)):
+    the KL and the sample equal the hand-written computation, and grads reach both layers."""
+    layer = _layer(hidden_dim=HIDDEN, joint_head=True, reduction="none")
+    assert not hasattr(layer, "mu") and layer.head[2].out_features == 2 * LATENT
+    x = _x((3, 4, IN), requires_grad=True)
+    eps = _x((3, 4, LATENT), seed=3)
+    with run_on(backend, "reparam_kl"):
+        z, kl = layer(x, eps=eps)
+        (z.sum() + kl.sum()).backward()
+    h = layer.head
+    out = F.linear(F.relu(F.linear(x, h[0].weight, h[0].bias)), h[2].weight, h[2].bias)
+    mu, logvar = out[..., :LATENT], out[..., LATENT:]
+    torch.testing.assert_close(z, mu + eps * torch.exp(logvar / 2))
+    torch.testing.assert_close(kl, -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(-1))
+    assert h[0].weight.grad.abs().sum() > 0 and h[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="joint_head"):
+        GaussianBottleneck(IN, LATENT, joint_head=True)

@@ -13,6 +13,7 @@ from ..reference.cycle_loss import DISTANCES, REDUCTIONS
 from .cycle_translator import CycleTranslator
 
 COMBINES = ("sum", "mean")
+OBJECTIVES = ("cyin", "grouped")
 
 
 class CycleOutput(NamedTuple):
@@ -20,47 +21,67 @@ class CycleOutput(NamedTuple):
     reconstructed: Tensor  # (M, B, ..., D): z_n where present, else combined translations
     forward_term: Tensor   # unweighted forward term, reduced as loss, detached
     cycle_term: Tensor     # unweighted cycle term, reduced as loss, detached
+    translations: Tensor   # (P, B, ..., D): G_{m->n}(z_m) of every pair (absent sources too)
 
 
 class CycleConsistency(nn.Module):
     """Cyclic translation among M modality latents z_m (B, ..., D) with a (B, M) `present` mask.
 
-    For the P ordered pairs (m, n) of `pairs` (CycleTranslator's order):
+    Terms (R = P + M rows of one cycle_reconstruction_loss call; the last M only for M >= 3
+    and combination_loss, CyIN's "sum of the two other sources" terms):
 
-        rows 0..P-1   forward  G_{m->n}(z_m) vs z_n,  cycle  G_{n->m}(G_{m->n}(z_m)) vs z_m
-                      included where present[:, m] & present[:, n]
-        rows P..P+M-1 (M >= 3, combination_loss) forward  c_n vs z_n, where c_n combines the
-                      translations into n from every present m != n; included where n is
-                      present and at least two sources are (CyIN sums the two sources'
-                      translations). Their cycle half compares a constant with itself: 0.
+        pair p = (m, n), p < P:  forward  d(G_{m->n}(z_m), z_n)
+                                 cycle    d(G_{n->m}(G_{m->n}(z_m)), z_m)
+                                 included where m and n are present
+        combination n:           forward  d(c_n, z_n),  c_n = C_{k != n} G_{k->n}(z_k)
+                                 cycle    d(C_{k != n} G_{k->n}(G_{n->k}(z_n)), z_n)
+                                 included where n and at least two other modalities are present
 
-    all in ONE cycle_reconstruction_loss call (rows also masked by `token_mask`, (B, ...)).
-    reduction="mean" averages each group over its included rows and adds the groups:
-    loss = fw * mean_pairs(F) + cw * mean_pairs(C) + fw * mean_combinations(F), so the
-    combination rows neither dilute the cycle term nor weigh on the pair term.
-    c_n is the sum of the translations (CyIN's rule) or their mean (combine="mean");
-    reconstructed[n] = z_n where n is present, else c_n (0 when no source is present).
-    Absent latents (and tokens outside `token_mask`) are zeroed before any translator, so what
-    they hold (NaN included) reaches neither the loss, the reconstructions of present
-    modalities, nor any gradient.
+    (C: the sum over the present k -- CyIN's rule -- or their mean, combine="mean"; rows also
+    masked by `token_mask`, (B, ...)). Each term's value is its mean over included rows (a row's
+    distance d is the mean over D, so a term is nn.MSELoss of its tensors when complete), and
+    with reduction="mean" (default) and objective:
+
+        "cyin" (default): loss = (1/T) sum_t [fw F_t + cw C_t] over the T terms with >= 1
+            included row -- for M = 3 complete, CyIN's TRANSLATE_loss = (1/9) sum of 6 pair + 3
+            combination forward terms + (1/9) the same 9 cycle terms
+            (RH-Lin/CyIN models/generationBased/CyIN.py, generation_stage branch). Default: the
+            published objective, and no reason found to depart from it.
+        "grouped": our earlier objective: fw mean_pairs(F) + cw mean_pairs(C) + fw
+            mean_combinations(F), pairs and combinations each pooled over their rows, no
+            combination cycles (pair terms weigh 1.5x and combinations 3x CyIN's for M = 3).
+
+    reduction="sum": the sum over every included row; "none": the (R, B, ...) rows.
+    forward_term / cycle_term: the same reduction of F and C alone. reconstructed[n] = z_n where
+    n is present, else c_n (0 when no source is present). Absent latents (and tokens outside
+    `token_mask`) are zeroed before any translator, so what they hold (NaN included) reaches
+    neither the loss, the reconstructions of present modalities, nor any gradient.
+
+    Translators: CycleTranslator(widths, n_blocks, shared, transition, kernel_size, bias); with
+    kernel_size > 1 the latents are sequences (M, B, L, D) and token_mask (B, L) masks every
+    translator layer too.
     """
 
     def __init__(self, num_modalities: int, dim: int, *, widths: Sequence[int] = (64, 32, 16),
                  n_blocks: int = 8, shared: bool = False, transition: bool = True,
-                 combine: str = "sum", combination_loss: bool = True, distance: str = "mse",
+                 kernel_size: int = 1, bias: bool = True, combine: str = "sum",
+                 combination_loss: bool = True, objective: str = "cyin", distance: str = "mse",
                  forward_weight: float = 1.0, cycle_weight: float = 1.0, reduction: str = "mean",
                  beta: float = 1.0):
         super().__init__()
         for name, value, choices in (("combine", combine, COMBINES), ("distance", distance, DISTANCES),
-                                     ("reduction", reduction, REDUCTIONS)):
+                                     ("reduction", reduction, REDUCTIONS),
+                                     ("objective", objective, OBJECTIVES)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         for name, value in (("forward_weight", forward_weight), ("cycle_weight", cycle_weight), ("beta", beta)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.translator = CycleTranslator(num_modalities, dim, widths, n_blocks, shared=shared,
-                                          transition=transition)
+                                          transition=transition, kernel_size=kernel_size,
+                                          bias=bias)
         self.num_modalities, self.dim, self.combine = num_modalities, dim, combine
+        self.objective = objective
         self.combination_loss = bool(combination_loss) and num_modalities >= 3
         self.loss_args = dict(distance=distance, forward_weight=float(forward_weight),
                               cycle_weight=float(cycle_weight), reduction=reduction, beta=float(beta))
@@ -92,20 +113,23 @@ class CycleConsistency(nn.Module):
         tail = (1,) * (z.dim() - 2)
         keep = on.view(M, -1, *tail)                          # (M, B, 1...)
         z = torch.where(keep if token_mask is None else keep & token_mask.unsqueeze(-1), z, 0)
+        tr_mask = None if token_mask is None else token_mask.expand(z.shape[1:-1])
         z_src = z[self.src]                                   # (P, B, ..., D) z_m of pair p
-        fwd = self.translator(z_src)                          # (P, B, ..., D) G_{m->n}(z_m)
-        cyc = self.translator(fwd, reverse=True)              # (P, B, ..., D) G_{n->m}(fwd)
+        fwd = self.translator(z_src, mask=tr_mask)            # (P, B, ..., D) G_{m->n}(z_m)
+        cyc = self.translator(fwd, reverse=True, mask=tr_mask)  # (P, B, ..., D) G_{n->m}(fwd)
         src_on, rows = on[self.src], on[self.src] & on[self.dst]  # (P, B)
-        used = torch.where(src_on.view(*src_on.shape, *tail), fwd, 0)
-        total = torch.zeros_like(z).index_add(0, self.dst, used)  # (M, B, ..., D) sum over sources
         count = torch.zeros_like(on, dtype=z.dtype).index_add(0, self.dst, src_on.to(z.dtype))  # (M, B)
-        if self.combine == "mean":
-            total = total / count.clamp_min(1).view(M, -1, *tail)
+        total = self._combine(fwd, src_on, self.dst, count, z, tail)  # (M, B, ..., D) c_n
         reconstructed = torch.where(keep, z, total)
         args = [fwd, z[self.dst], cyc, z_src]
         if self.combination_loss:
-            ones = torch.ones_like(z)
-            args = [torch.cat(pair) for pair in zip(args, (total, z, ones, ones))]
+            if self.objective == "cyin":  # cycle of n through every present k, combined
+                cyc_total = self._combine(cyc, on[self.dst], self.src, count, z, tail)
+                extra = (total, z, cyc_total, z)
+            else:  # "grouped": no combination cycles (a constant compared with itself)
+                ones = torch.ones_like(z)
+                extra = (total, z, ones, ones)
+            args = [torch.cat(pair) for pair in zip(args, extra)]
             rows = torch.cat([rows, on & (count >= 2)])       # (P + M, B)
         mask = rows.view(*rows.shape, *tail[1:])              # (R, B, 1...) -> broadcast over tokens
         if token_mask is not None:
@@ -114,17 +138,41 @@ class CycleConsistency(nn.Module):
         rows_loss, f_rows, c_rows = cycle_reconstruction_loss(
             *args, mask=mask, return_terms=True, **{**self.loss_args, "reduction": "none"})
         if reduction == "none":
-            return CycleOutput(rows_loss, reconstructed, f_rows, c_rows)
+            return CycleOutput(rows_loss, reconstructed, f_rows, c_rows, fwd)
         included = mask.expand(rows_loss.shape)
+        reduce = self._per_term if self.objective == "cyin" else self._per_group
+        loss, forward_term, cycle_term = (reduce(x, included, reduction)
+                                          for x in (rows_loss, f_rows, c_rows))
+        return CycleOutput(loss, reconstructed, forward_term, cycle_term, fwd)
+
+    def _combine(self, parts: Tensor, part_on: Tensor, index: Tensor, count: Tensor, z: Tensor,
+                 tail: tuple) -> Tensor:
+        """(M, B, ..., D): for each modality i, C over the pairs p with index[p] == i and
+        part_on[p] of parts[p] (sum, or mean over `count`)."""
+        used = torch.where(part_on.view(*part_on.shape, *tail), parts, 0)
+        total = torch.zeros_like(z).index_add(0, index, used)
+        if self.combine == "mean":
+            total = total / count.clamp_min(1).view(self.num_modalities, -1, *tail)
+        return total
+
+    @staticmethod
+    def _per_term(x: Tensor, included: Tensor, reduction: str) -> Tensor:
+        """"cyin": mean over the terms with an included row of each term's mean (or the sum)."""
+        if reduction == "sum":
+            return x.sum()
+        flat, n = x.flatten(1).sum(1), included.flatten(1).sum(1)   # (R,) per term
+        on = n > 0
+        terms = flat / n.clamp_min(1)
+        return terms.sum() / on.sum().clamp_min(1)
+
+    def _per_group(self, x: Tensor, included: Tensor, reduction: str) -> Tensor:
+        """"grouped": per group (pairs, combinations), the sum or the mean over its rows."""
         groups = (slice(0, len(self.pairs)), slice(len(self.pairs), None))
-
-        def reduce(x: Tensor) -> Tensor:  # per group: sum, or mean over its included rows
-            parts = [x[g].sum() if reduction == "sum" else
-                     x[g].sum() / included[g].sum().clamp_min(1) for g in groups]
-            return parts[0] + parts[1]
-
-        return CycleOutput(reduce(rows_loss), reconstructed, reduce(f_rows), reduce(c_rows))
+        parts = [x[g].sum() if reduction == "sum" else
+                 x[g].sum() / included[g].sum().clamp_min(1) for g in groups]
+        return parts[0] + parts[1]
 
     def extra_repr(self) -> str:
-        return f"combine={self.combine!r}, combination_loss={self.combination_loss}, " + ", ".join(
-            f"{k}={v!r}" for k, v in self.loss_args.items())
+        return (f"combine={self.combine!r}, combination_loss={self.combination_loss}, "
+                f"objective={self.objective!r}, "
+                + ", ".join(f"{k}={v!r}" for k, v in self.loss_args.items()))

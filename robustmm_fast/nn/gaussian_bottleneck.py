@@ -18,8 +18,11 @@ class GaussianBottleneck(nn.Module):
 
     Args:
         in_dim, latent_dim: feature sizes.
-        hidden_dim: if set, each head is Linear(in, hidden) -> ReLU -> Linear(hidden, latent)
-            (CyIN's two 1x1 convolutions); otherwise one Linear.
+        hidden_dim: if set, each head is Linear(in, hidden) -> ReLU -> Linear(hidden, latent);
+            otherwise one Linear.
+        joint_head: one head Linear(in, hidden) -> ReLU -> Linear(hidden, 2 latent) whose output
+            halves are mu and logvar (CyIN's Encoder: two 1x1 convolutions, then
+            `mu, logvar = h.chunk(2, dim=1)`); needs hidden_dim. Default False: two heads.
         sample_in_eval: draw z in eval mode too (CyIN samples at test time); by default eval
             gives z = mu (DMRNet). `forward(sample=...)` overrides both.
         reduction: how `kl` is reduced, as in reparameterize_kl.
@@ -33,7 +36,7 @@ class GaussianBottleneck(nn.Module):
     def __init__(self, in_dim: int, latent_dim: int, *, hidden_dim: Optional[int] = None,
                  sample_in_eval: bool = False, reduction: str = "none",
                  logvar_clamp: Optional[tuple[float, float]] = None, batch_norm: bool = False,
-                 bias: bool = True):
+                 bias: bool = True, joint_head: bool = False):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("latent_dim", latent_dim)):
             if not isinstance(value, int) or value <= 0:
@@ -44,10 +47,16 @@ class GaussianBottleneck(nn.Module):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if logvar_clamp is not None and not (len(logvar_clamp) == 2 and logvar_clamp[0] < logvar_clamp[1]):
             raise ValueError(f"logvar_clamp must be (min, max) with min < max, got {logvar_clamp!r}")
+        if joint_head and hidden_dim is None:
+            raise ValueError("joint_head=True needs hidden_dim (the shared hidden layer's width)")
         self.in_dim, self.latent_dim = in_dim, latent_dim
         self.sample_in_eval, self.reduction, self.logvar_clamp = sample_in_eval, reduction, logvar_clamp
-        self.mu = self._head(in_dim, latent_dim, hidden_dim, bias)
-        self.logvar = self._head(in_dim, latent_dim, hidden_dim, bias)
+        self.joint_head = bool(joint_head)
+        if self.joint_head:
+            self.head = self._head(in_dim, 2 * latent_dim, hidden_dim, bias)
+        else:
+            self.mu = self._head(in_dim, latent_dim, hidden_dim, bias)
+            self.logvar = self._head(in_dim, latent_dim, hidden_dim, bias)
         self.mu_norm = nn.BatchNorm1d(latent_dim) if batch_norm else None
         self.logvar_norm = nn.BatchNorm1d(latent_dim) if batch_norm else None
 
@@ -72,8 +81,12 @@ class GaussianBottleneck(nn.Module):
                 raise ValueError(f"mask must have shape {tuple(x.shape[:-1])} (x without its last "
                                  f"dim), got {tuple(mask.shape)}")
             x = torch.where(mask.unsqueeze(-1), x, 0)
-        mu = masked_batch_norm(self.mu_norm, self.mu(x), mask)
-        logvar = masked_batch_norm(self.logvar_norm, self.logvar(x), mask)
+        if self.joint_head:
+            mu, logvar = self.head(x).chunk(2, dim=-1)
+        else:
+            mu, logvar = self.mu(x), self.logvar(x)
+        mu = masked_batch_norm(self.mu_norm, mu, mask)
+        logvar = masked_batch_norm(self.logvar_norm, logvar, mask)
         if self.logvar_clamp is not None:
             logvar = logvar.clamp(*self.logvar_clamp)
         return mu, logvar
@@ -94,4 +107,5 @@ class GaussianBottleneck(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, latent_dim={self.latent_dim}, "
-                f"sample_in_eval={self.sample_in_eval}, reduction={self.reduction!r}")
+                f"sample_in_eval={self.sample_in_eval}, reduction={self.reduction!r}, "
+                f"joint_head={self.joint_head}")

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from robustmm_fast import cli
 from robustmm_fast.data.dataset import MultimodalDataset
@@ -21,11 +22,11 @@ from conftest import assert_inert, assert_steps_agree, forward_backward_on, requ
 from test_data import mmsa_dict, write_pkl
 
 # small widths: every test model builds and steps in milliseconds
-SMALL = {"common_dim": 16, "ib_inter_dim": 16, "ib_dim": 8, "fusion_dim": 8, "mult_heads": 2,
+SMALL = {"common_dim": 8, "ib_inter_dim": 16, "ib_dim": 8, "mult_heads": 2,
          "mult_layers": 1, "memory_layers": 1, "translator_widths": [8, 4],
-         "translator_blocks": 2}
-NO_DROPOUT = {"attn_dropout": 0.0, "relu_dropout": 0.0, "res_dropout": 0.0,
-              "embed_dropout": 0.0, "out_dropout": 0.0}
+         "translator_blocks": 2, "fusion_kernel": 1}
+NO_DROPOUT = {"attn_dropout": 0.0, "memory_attn_dropout": 0.0, "relu_dropout": 0.0,
+              "res_dropout": 0.0, "embed_dropout": 0.0, "out_dropout": 0.0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,7 +266,14 @@ def test_recipe_stages_and_selection():
     assert r.stage1_epochs == 3
     assert [r.stage(e) for e in (0, 2, 3, 29)] == ["stage1", "stage1", "stage2", "stage2"]
     assert [r.selects(e) for e in (0, 2, 3, 29)] == [False, False, True, True]
-    assert CyINRecipe({"epochs": 2, "stage_divide": 0.9}).stage1_epochs == 1  # >= 1 stage-2 epoch
+    assert CyINRecipe({"epochs": 2, "stage_divide": 0.9}).stage1_epochs == 1  # floor(1.8)
+    assert CyINRecipe({"epochs": 4, "stage_divide": 1.0}).stage1_epochs == 3  # >= 1 stage-2 epoch
+    # official: the count of 1-based epochs e <= epochs * stage_divide, no stage 2 guaranteed,
+    # and only the last epoch's model (the official code saves it; no validation selection)
+    official = CyINRecipe({"epochs": 4, "stage_divide": 1.0, "official": True})
+    assert official.stage1_epochs == 4 and [official.selects(e) for e in range(4)] == \
+        [False, False, False, True]
+    assert CyINRecipe({"epochs": 10, "stage_divide": 0.25}).stage1_epochs == 2  # e <= 2.5
     assert CyINRecipe({"epochs": 1, "stage_divide": 0.5}).stage(0) == "stage2"
     assert CyINRecipe({"epochs": 5, "stage_divide": 0.0}).stage(0) == "stage2"
     with pytest.raises(ValueError, match="stage_divide"):
@@ -299,19 +307,22 @@ def test_substituted_latents_are_the_drawn_translations(combine):
     for seed in range(8):
         torch.manual_seed(seed)
         with torch.no_grad():
-            draws, latents, use = model._substitute(zt, present, None)
             z = torch.where(present.t().view(M, -1, 1, 1), zt, 0)
+            fwd = model.cycle.translator(z[model.cycle.src])
+            count = torch.stack([sum(present[:, k].float() for k in range(M) if k != n)
+                                 for n in range(M)])
+            total = model._combination(fwd, present, count, zt)
+            draws, latents, use = model._substitute(fwd, present, count, total)
             for n in range(M):
                 others = [k for k in range(M) if k != n]
-                trans = {k: model.cycle.translator(z[model.cycle.src])[model.cycle.pairs.index((k, n))]
-                         for k in others}
+                trans = {k: model.cycle.translator.translate(z[k], k, n) for k in others}
                 on = [present[:, k].view(-1, 1, 1) for k in others]
                 comb = sum(torch.where(o, trans[k], 0) for k, o in zip(others, on))
-                count = sum(present[:, k].float() for k in others)
                 if combine == "mean":
-                    comb = comb / count.clamp_min(1).view(-1, 1, 1)
+                    comb = comb / count[n].clamp_min(1).view(-1, 1, 1)
+                torch.testing.assert_close(total[n], comb)
                 d = int(draws[n])
-                assert torch.equal(use[n], (d > 0) & present[:, n] & (count > 0))
+                assert torch.equal(use[n], (d > 0) & present[:, n] & (count[n] > 0))
                 if d == 1:
                     torch.testing.assert_close(latents[n], comb)
                 elif d >= 2:
@@ -352,21 +363,78 @@ def test_stochastic_test_option():
 
 # ---------------------------------------------------------------- config
 
+# RH-Lin/CyIN @ da04a3d, config/config_regression.json, "cyin" -> "datasetParams" -> "mosi"
+# (lines 53-80), written here from the official file (not from our registry), with the
+# official names mapped to ours.
+OFFICIAL_MOSI = {"stage_divide": 0.1, "batch_size": 128, "lr": 5e-4, "weight_decay": 1e-3,
+                 "grad_clip": 5.0, "epochs": 30, "common_dim": 256, "ib_inter_dim": 256,
+                 "ib_dim": 128, "eta": 16, "translator_widths": (64, 32, 16),
+                 "translator_blocks": 8, "lam": 10, "fusion_kernel": 3, "mult_layers": 2,
+                 "mult_heads": 8, "attn_dropout": {"text": 0.1, "audio": 0.3, "vision": 0.0},
+                 "memory_attn_dropout": 0.4, "embed_dropout": 0.0, "out_dropout": 0.3,
+                 "causal": True}
+# ... "mosei" (lines 81-108)
+OFFICIAL_MOSEI = {**OFFICIAL_MOSI, "stage_divide": 0.3, "weight_decay": 1e-5, "grad_clip": 1.0,
+                  "common_dim": 16, "ib_inter_dim": 16, "ib_dim": 256, "eta": 32,
+                  "translator_widths": (128, 64, 32), "translator_blocks": 4, "lam": 5,
+                  "mult_layers": 8, "mult_heads": 2,
+                  "attn_dropout": {"text": 0.1, "audio": 0.0, "vision": 0.3},
+                  "memory_attn_dropout": 0.2, "embed_dropout": 0.5, "out_dropout": 0.5}
+# models/generationBased/CyIN.py: hard-coded in the model (RAE_kernel_size = 3, bias=False;
+# get_network: relu_dropout=0.0, res_dropout=0.0, layers=max(nlevels, 3) for the memories);
+# trains/generationBased/CyIN.py: clip_grad_value_, stage 1 while epochs <= max_epoch *
+# stage_divide, the model saved after the last epoch (no validation selection).
+OFFICIAL_FIXED = {"translator_kernel": 3, "translator_bias": False, "relu_dropout": 0.0,
+                  "res_dropout": 0.0, "memory_layers": None, "grad_clip_mode": "value",
+                  "fusion": "mult", "objective": "cyin", "official": True,
+                  "modality_dropout": 0.0}
+
+
+@pytest.mark.parametrize("preset,official", [("mosi", OFFICIAL_MOSI), ("mosei", OFFICIAL_MOSEI)])
+def test_official_presets_are_the_official_configuration(preset, official):
+    """Every value of the official config file, and the official code's fixed choices."""
+    cfg = default_config("cyin", preset)
+    want = {**official, **OFFICIAL_FIXED}
+    assert {k: cfg[k] for k in want} == want
+    ds = make_data({"text": (6, 8), "audio": (6, 4), "vision": (6, 5)}, task="regression")
+    small = {**cfg, "common_dim": 16, "mult_heads": 2, "ib_dim": 8, "ib_inter_dim": 8,
+             "translator_widths": [4, 2], "translator_blocks": 2}
+    model = get_method("cyin").build(ds, small)
+    recipe = get_method("cyin").recipe(cfg)
+    assert recipe.stage1_epochs == {"mosi": 3, "mosei": 9}[preset]  # epochs <= 30 * 0.1 / 0.3
+    assert [e for e in range(30) if recipe.selects(e)] == [29]       # the last epoch
+    assert recipe.grad_clip_mode == "value" and recipe.grad_clip == official["grad_clip"]
+    # the MulT structure: 6 cross-modal transformers, memories of width 2 d with
+    # max(nlevels, 3) layers, attention dropout of the *source* modality (get_network)
+    fusion = model.fusion
+    assert len(fusion.cross) == 3 and all(len(c) == 2 for c in fusion.cross)
+    assert [len(m.layers) for m in fusion.memory] == [max(official["mult_layers"], 3)] * 3
+    assert fusion.memory[0].layers[0].attn.embed_dim == 2 * 16
+    drops = official["attn_dropout"]
+    names = ["text", "audio", "vision"]
+    for n, row in enumerate(fusion.cross):
+        sources = [m for m in names if m != names[n]]
+        assert [c.cross.layers[0].attn.dropout for c in row] == [drops[m] for m in sources]
+    assert model.fusion_proj["text"].kernel_size == (3,) and model.fusion_proj["text"].bias is None
+    assert model.cycle.translator.kernel_size == 3 and model.cycle.translator.bias is None
+    assert (model.decoder_sigmoid, model.combine, model.stochastic_test, model.ib_samples) == \
+        (True, "sum", True, "per_pair")
+
+
 def test_config_round_trip_and_official_flag():
     method = get_method("cyin")
     ds = make_data(HW6)
-    mosi = default_config("cyin", "mosi")
-    assert {k: mosi[k] for k in ("epochs", "stage_divide", "batch_size", "lr", "common_dim",
-                                 "ib_inter_dim", "ib_dim", "eta", "translator_widths",
-                                 "translator_blocks", "lam", "mult_layers", "mult_heads")} == {
-        "epochs": 30, "stage_divide": 0.1, "batch_size": 128, "lr": 5e-4, "common_dim": 256,
-        "ib_inter_dim": 256, "ib_dim": 128, "eta": 16.0, "translator_widths": [64, 32, 16],
-        "translator_blocks": 8, "lam": 10.0, "mult_layers": 2, "mult_heads": 8}
+    cfg = default_config("cyin", "mosi")
+    assert json.loads(json.dumps(cfg)) == {k: list(v) if isinstance(v, tuple) else v
+                                           for k, v in cfg.items()}
+    assert method.config(None, json.loads(json.dumps(cfg))) == cfg  # JSON lists -> tuples
     ours = method.build(ds, SMALL)
     official = method.build(ds, {**SMALL, "official": True})
-    assert (ours.decoder_sigmoid, ours.combine, ours.stochastic_test) == (False, "mean", False)
-    assert (official.decoder_sigmoid, official.combine, official.stochastic_test) == \
-        tuple(OFFICIAL_QUIRKS.values())
+    assert (ours.decoder_sigmoid, ours.combine, ours.stochastic_test, ours.ib_samples) == \
+        (False, "mean", False, "shared")
+    assert (official.decoder_sigmoid, official.combine, official.stochastic_test,
+            official.ib_samples) == tuple(OFFICIAL_QUIRKS[k] for k in (
+                "decoder_sigmoid", "combine", "stochastic_test", "ib_samples"))
     assert isinstance(official.decoders["fac"][-1], torch.nn.Sigmoid)
     assert official.cycle.combine == "sum" and official.ib["fac"].sample_in_eval
     assert not ours.ib["fac"].sample_in_eval and ours.cycle.combine == "mean"
@@ -380,6 +448,12 @@ def test_config_round_trip_and_official_flag():
         method.build(ds, {**SMALL, "combine": "max"})
     with pytest.raises(ValueError, match="at least 2"):
         CyIN({"a": (1, 3)}, "classification", 3, **SMALL)
+    with pytest.raises(ValueError, match="fusion_kernel"):
+        method.build(ds, {**SMALL, "fusion_kernel": 3})  # vectors: L = 1 < 3
+    with pytest.raises(ValueError, match="attn_dropout"):
+        method.build(ds, {**SMALL, "attn_dropout": {"fac": 0.1}})  # not one per modality
+    with pytest.raises(ValueError, match="grad_clip_mode"):
+        method.recipe({"grad_clip_mode": "max"})
 
 
 # ---------------------------------------------------------------- CLI smoke trains
@@ -413,3 +487,111 @@ def test_cli_train_on_handwritten(tmp_path):
     assert [h["stage"] for h in history] == ["stage1", "stage2"]
     assert "translation" not in history[0]["train"] and history[1]["train"]["translation"] > 0
     assert not history[0]["selected"] and history[1]["selected"]  # stage 1 is never selected
+
+
+# ---------------------------------------------------------------- the IB terms (issue 13)
+
+def _official_ib(model, inputs, present_all=True):
+    """CyIN's IB_loss for complete inputs restated from the official IB_translate (z = mu:
+    the model in eval mode without sampling): (1/M^2) sum over (m, n) of
+    mean(-0.5 mean_D(1 + lv - mu^2 - e^lv)) + eta nn.MSELoss(Dec_n(z_m), x_n), x_n the RAW
+    input features."""
+    total = 0.0
+    names = list(inputs)
+    for m in names:
+        enc = model.ib[m].head
+        h = enc(inputs[m])
+        mu, lv = h.chunk(2, dim=-1)
+        kl = (-0.5 * torch.mean(1 + lv - mu.pow(2) - lv.exp(), dim=-1)).mean()
+        for n in names:
+            total = total + kl + model.eta * F.mse_loss(model.decoders[n](mu), inputs[n])
+    return total / len(names) ** 2
+
+
+@pytest.mark.parametrize("name", ["vec6", "seq3_aligned"])
+def test_ib_target_is_the_raw_input(name):
+    """The IB term equals the official formula with the raw features as every decoder's
+    target (no trainable tensor between the input and the target)."""
+    ds = data(name)
+    model = build(ds, **NO_DROPOUT).eval()
+    b = ds.batch(torch.arange(12))
+    b.padding = {}  # complete, unpadded: the official setting
+    with torch.no_grad():
+        out = model(b.inputs, torch.ones_like(b.present), labels=b.labels)
+        want = _official_ib(model, b.inputs) / model.eta
+    torch.testing.assert_close(out.losses["ib"], want)
+
+
+def test_ib_term_is_invariant_to_rescaling_the_encoder():
+    """Issue 13's degenerate-target check: rescaling a layer and compensating in the next
+    (ReLU is positively homogeneous) leaves every output and the KL unchanged -- and, as the
+    target is the fixed input, the IB term too. (With the earlier learned input projection as
+    the target, scaling it by 0.1 took the IB term from 5.66 to 0.08.)"""
+    ds = data("seq3_aligned")
+    model = build(ds, **NO_DROPOUT).eval()
+    b = ds.batch(torch.arange(12))
+    with torch.no_grad():
+        before = model(b.inputs, b.present, labels=b.labels, padding=b.padding)
+        for m in model.names:
+            first, second = model.ib[m].head[0], model.ib[m].head[2]
+            first.weight.mul_(0.1), first.bias.mul_(0.1), second.weight.mul_(10.0)
+            dec_first, dec_last = model.decoders[m][0], model.decoders[m][2]
+            dec_first.weight.mul_(0.1), dec_first.bias.mul_(0.1), dec_last.weight.mul_(10.0)
+        after = model(b.inputs, b.present, labels=b.labels, padding=b.padding)
+    torch.testing.assert_close(after.output, before.output, rtol=1e-5, atol=1e-6)
+    for k in before.losses:
+        torch.testing.assert_close(after.losses[k], before.losses[k], rtol=1e-5, atol=1e-6)
+    assert before.losses["ib"] > 0.1  # the reconstruction term is not emptied
+    # and no parameter is upstream of the target: scaling every IB/decoder parameter by any
+    # factor cannot make the eta MSE part vanish; the target stays the input
+    xs, zs, kls, valid, dec_in = model.encode(b.inputs, b.present, b.padding)
+    for i, m in enumerate(model.names):
+        assert not xs[m].requires_grad
+        keep = valid[m].unsqueeze(-1)
+        assert torch.equal(torch.where(keep, xs[m], 0), torch.where(keep, b.inputs[m], 0))
+
+
+def test_ib_samples_per_pair_draws_one_sample_per_term():
+    """ib_samples="per_pair" (official): each decoder reads its own draw, z_m is the last; the
+    shared default reads one draw for all. At z = mu (eval, no sampling) both are the same."""
+    ds = data("seq3_aligned")
+    b = ds.batch(torch.arange(12))
+    per_pair = build(ds, ib_samples="per_pair").train()
+    torch.manual_seed(0)
+    _, zs, _, _, dec_in = per_pair.encode(b.inputs, b.present, b.padding)
+    for m in per_pair.names:
+        draws = dec_in[m]
+        assert draws[-1] is zs[m]
+        assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    shared = build(ds).train()
+    _, zs, _, _, dec_in = shared.encode(b.inputs, b.present, b.padding)
+    assert all(d is zs[m] for m in shared.names for d in dec_in[m])
+    shared.load_state_dict(per_pair.state_dict())
+    per_pair.eval(), shared.eval()
+    with torch.no_grad():
+        a = per_pair(b.inputs, b.present, labels=b.labels, padding=b.padding)
+        c = shared(b.inputs, b.present, labels=b.labels, padding=b.padding)
+    for k in a.losses:
+        torch.testing.assert_close(a.losses[k], c.losses[k])
+
+
+@pytest.mark.parametrize("fusion", ["mult", "joint"])
+def test_fusion_kernel_3_on_sequences(fusion):
+    """The official 3-tap input projections (no padding: L - 2 tokens) with both fusions, on
+    aligned padded sequences: finite losses, gradients reach every projection, absent and
+    padded values inert."""
+    ds = data("seq3_aligned")
+    model = build(ds, fusion=fusion, fusion_kernel=3, translator_kernel=3,
+                  translator_bias=False).train()
+    assert model.fusion_proj["text"].kernel_size == (3,)
+    b = ds.batch(torch.arange(12), present_mask(12, 3))
+    out = run(model, b, "stage2")
+    out.loss.backward()
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    for m in model.names:
+        assert model.fusion_proj[m].weight.grad.abs().sum() > 0
+    hidden = {m: (~b.present[:, i, None, None] | b.padding[m][..., None]).expand_as(b.inputs[m])
+              for i, m in enumerate(ds.modalities)}
+    fills = [{m: torch.where(hidden[m], torch.full_like(x, v), x) for m, x in b.inputs.items()}
+             for v in (1e3, float("nan"))]
+    assert_inert(*(_loss_output_grads(model, f, b, "stage2", seed=3) for f in fills))

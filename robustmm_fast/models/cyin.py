@@ -1,105 +1,208 @@
 """CyIN: cyclic informative latent space for complete and incomplete multimodal learning.
 
 Lin et al., "CyIN: Cyclic Informative Latent Space for Bridging Complete and Incomplete
-Multimodal Learning", NeurIPS 2025. The behaviour reproduced is the official code's (issue #6),
-generalised to any number M >= 2 of modalities, on the three fused ops:
+Multimodal Learning", NeurIPS 2025; official code RH-Lin/CyIN (models/generationBased/CyIN.py,
+trains/generationBased/CyIN.py, config/config_regression.json; docs/fidelity.md cites lines).
+Generalised to any number M >= 2 of modalities, on the three fused ops:
 
-    x_m   = P_m zero_absent(input_m)                         (B, L_m, C)  1x1 conv (Linear/token)
-    z_m, KL_m = IB_m(x_m)                                    GaussianBottleneck -> reparameterize_kl
-                KL_m: KL(N(mu, e^logvar) || N(0, I)) element-averaged over the valid tokens
-                of the samples where m is present (absent samples / padded tokens: masked rows)
-    L_IB  = mean over (m, n) pairs present together of [KL_m + eta MSE(Dec_n(z_m), x_n)]
-            (cyclic IB: every z_m rebuilds every projected modality x_n, m == n included)
-    label = sum_m mean_{m present} task_loss(H_m(mean_t z_m), y)     (label-level IB; over the
-            samples where m is present with at least one valid token, mean_t over valid tokens)
-    f_m   = z_m where present; in training stage 2 (once per batch and modality, drawn from
-            torch's global RNG) one of {G_{k->m}(z_k) for each other k, their combination, z_m};
-            absent m (any stage): the combination of the translations from the present ones
-            (CycleConsistency's `reconstructed`)
-    h_m   = W_m f_m  (ib_dim -> fusion_dim);  o_n = CrossModalTransformer_n(h_n, [h_m, m != n])
-            (one masked attention call per layer over all other segments, then a causal
-            self-attention memory stack), pooled over valid time, concatenated over n
-    y_hat = out(MLP(o) + o),   MLP = Linear-ReLU-Dropout-Linear          (MulT's head)
-    loss  = task(y_hat, y) + label + (1/eta) L_IB + lam (forward + cycle)   [last: stage 2]
+    x_m     = zero_absent(input_m)                    (B, L_m, D_m)  the raw features
+    mu, lv  = Enc_m(x_m)                              one Linear-ReLU-Linear(2 D) per token,
+                                                      halves (CyIN's Encoder, Conv1d k=1)
+    z_m     = mu + e^{lv/2} eps,  KL_m                reparameterize_kl; KL_m element-averaged
+                                                      over the valid tokens of the samples
+                                                      where m is present (official: mean)
+    L_IB    = mean over (m, n) pairs present together of [KL_m + eta MSE(Dec_n(z_m), x_n)]
+              (cyclic IB: every z_m rebuilds every raw input x_n, m == n included; the target
+              is the fixed input, never a trainable tensor; Dec_n = Linear-ReLU-Linear[-Sigmoid])
+    label   = sum_m mean_{m present} task_loss(H_m(mean_t z_m), y)     (label-level IB)
+    f_m     = z_m where present; in training stage 2 (once per batch and modality, from torch's
+              global RNG) one of {G_{k->m}(z_k) for each other k, their combination, z_m};
+              absent m (any stage): the combination of the translations from the present ones
+    h_m     = Conv1d_k(f_m)   (D -> common_dim, kernel fusion_kernel, no padding, no bias)
+    o       = MulTFusion(h) or JointFusion(h)          (fusion="mult" / "joint")
+    y_hat   = out(proj2(drop(relu(proj1(o)))) + o)                       (MulT's head)
+    loss    = task(y_hat, y) + label + (1/eta) L_IB + lam TRANSLATE      [last: stage 2]
+    TRANSLATE = CycleConsistency(objective="cyin"): (1/9) [6 pair + 3 combination forward
+              terms] + (1/9) [the same 9 cycle terms] for M = 3 (nn.MSELoss each)
 
 losses: "task", "label_ib" (label_weight * sum of the per-modality terms), "ib" ((1/eta) L_IB)
-and "translation" (lam * CycleConsistency's loss; only with stage="stage2" and translate=True).
+and "translation" (lam * TRANSLATE; only with stage="stage2" and translate=True).
 
-Generalisations and choices not fixed by the official code (it is written for M = 3 aligned or
-fixed-length sequences):
-- Unaligned data (modalities of different lengths L_m): Dec_n(z_m) and x_n are compared as their
-  means over valid tokens, and the translators work on time-pooled latents (B, 1, D); a
-  translated/reconstructed latent of such a modality enters fusion as a one-token sequence
-  (the other positions padded). With equal lengths everything is token-wise: the decoder MSE
-  over tokens valid in both m and n, the translators per token with a token mask valid where
-  any present modality has a valid token (aligned data share their padding), a reconstructed
-  latent valid on those tokens.
-- A modality absent for a sample whose latent cannot be reconstructed (no other modality
-  present, or translate=False) is masked out of fusion: it is no source of any attention and
-  its own target stream pools to 0. With translate=False absent latents are zero-filled and
-  masked that way (the ablation without translation).
+Options where our default departs from the official code (each None = "as `official` says":
+official=True gives the official behaviour, official=False ours; an explicit value wins):
+- decoder_sigmoid: official True (a Sigmoid on the decoders' output, although the raw targets
+  are unbounded BERT/audio/vision features); ours False (a sigmoid cannot reach targets
+  outside (0, 1), so the reconstruction term cannot go to 0).
+- combine: official "sum" of the translations; ours "mean" (keeps the latent's scale whatever
+  the number of present sources).
+- stochastic_test: official True (z sampled at test); ours False (z = mu: deterministic
+  predictions).
+- ib_samples: official "per_pair" (each of the M^2 (m, n) IB terms draws its own sample, and
+  z_m used downstream is the last one drawn); ours "shared" (one sample per modality for all
+  terms: the same expected loss, one draw instead of M).
+- select_last (the recipe): official True (no validation: the model after the last epoch);
+  ours False (the best stage-2 epoch on the validation split).
+Generalisations the official code (M = 3, aligned sequences, no padding) does not fix:
+- Unaligned data (modalities of different lengths L_m): Dec_n(z_m) and x_n are compared as
+  their means over valid tokens, and the translators work on time-pooled latents (B, 1, D); a
+  translated latent of such a modality enters fusion as a one-token sequence. (The official
+  code first average-pools audio and vision to the text length, AlignSubNet "avg_pool".)
+- A modality absent for a sample whose latent cannot be rebuilt (no other modality present, or
+  translate=False) is masked out of fusion: no key of any attention, and its own target stream
+  pools to 0.
 - Stage-2 substitution: the draw "translation from k" falls back, for a sample where k is
   absent, to the combination of the present others, and any draw to the real latent where no
-  other modality is present; absent modalities are always reconstructed.
-- The official quirks are options: decoder_sigmoid (official True: a final Sigmoid on the
-  decoders; default False since the projected features are unbounded), combine (official
-  "sum" of the translations; default "mean", which keeps the scale whatever the number of
-  present sources), stochastic_test (official True: z sampled at test; default False: z = mu).
-  Each defaults to None = "as `official` says": official=True gives the official code's three
-  behaviours, official=False (default) ours; an explicit True/False/"sum"/"mean" wins.
-- Input and fusion projections have no bias (MulT's 1x1 convolutions).
+  other modality is present; absent modalities are always rebuilt.
+- Padding: the fusion convolution's output token is valid where its window holds a valid token;
+  time means are over valid tokens (the official mean is over all L tokens: no padding there).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.cross_modal_transformer import CrossModalTransformer
-from ..nn.cycle_consistency import COMBINES, CycleConsistency
+from ..contract import ModelOutput, Recipe, TrainConfig, task_loss, zero_absent
+from ..nn.cycle_consistency import COMBINES, OBJECTIVES, CycleConsistency
 from ..nn.gaussian_bottleneck import GaussianBottleneck
-from ..train.recipe import Recipe
-from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
+from ..nn.multimodal_fusion import FUSIONS, JointFusion, MulTFusion
+from ..ops.reparam_kl import reparameterize_kl
+from .base import MultimodalModel
 from .encoders import masked_mean
 from .late_fusion import masked_task_loss
 
-__all__ = ["CyIN", "CyINRecipe", "STAGES", "OFFICIAL_QUIRKS"]
+__all__ = ["CyIN", "CyINConfig", "CyINRecipe", "STAGES", "OFFICIAL_QUIRKS"]
 
 STAGES = ("stage1", "stage2")
-# the official code's behaviour for the three quirk options (ours when official=False)
-OFFICIAL_QUIRKS = {"decoder_sigmoid": True, "combine": "sum", "stochastic_test": True}
-OUR_QUIRKS = {"decoder_sigmoid": False, "combine": "mean", "stochastic_test": False}
+# the official code's behaviour for the quirk options (ours when official=False)
+OFFICIAL_QUIRKS = {"decoder_sigmoid": True, "combine": "sum", "stochastic_test": True,
+                   "ib_samples": "per_pair", "select_last": True}
+OUR_QUIRKS = {"decoder_sigmoid": False, "combine": "mean", "stochastic_test": False,
+              "ib_samples": "shared", "select_last": False}
+IB_SAMPLES = ("shared", "per_pair")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _resolve_quirk(name: str, value, official: bool):
-    return (OFFICIAL_QUIRKS if official else OUR_QUIRKS)[name] if value is None else value
+@dataclass(frozen=True)
+class CyINConfig(TrainConfig):
+    """Every CyIN hyperparameter, with its default written once. Defaults: the official MOSI
+    configuration (config/config_regression.json, "cyin" / "mosi"), with our choices for the
+    quirk options (None = as `official` says; see the module docstring) and one attention
+    dropout for every source (the official code has one per modality: preset "mosi").
+
+    Model: ib_inter_dim (IB_inter_dim), ib_dim (IB_btnk_dim), eta (p_eta: L_IB = mean[KL + eta
+    MSE], added as (1/eta) L_IB); common_dim (the MulT width); fusion ("mult": MulT's structure,
+    "joint": ours); fusion_kernel (conv1d_kernel_size; no padding); mult_layers (nlevels),
+    mult_heads (num_heads), memory_layers (None: max(nlevels, 3), as CyIN's get_network);
+    attn_dropout (one probability, or {modality: p} -- official attn_dropout_l/_a/_v, applied to
+    the cross-modal transformers whose source it is); memory_attn_dropout (attn_dropout_mem);
+    relu_dropout, res_dropout (0.0 in CyIN's get_network); embed_dropout; out_dropout
+    (output_dropout); causal (attn_mask); translator_widths (RAE_layers), translator_blocks
+    (RAE_n_blocks), translator_kernel (3: CyIN's RAE_kernel_size), translator_bias (False);
+    objective (CycleConsistency's: "cyin" = the official 9 + 9 terms); lam (w_imgaine);
+    translate (False: the ablation without translation); label_weight (1: the official sum of
+    the per-modality label losses); regression_loss ("l1": the official nn.L1Loss).
+    Recipe: stage_divide (stage 1 = the epochs e = 1, 2, ... with e <= epochs * stage_divide),
+    select_last, and TrainConfig's keys (official: AdamW lr 5e-4, weight decay 1e-3, batch 128,
+    30 epochs, clip_grad_value_(5.0)).
+    """
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 1e-3
+    grad_clip: float = 5.0
+    grad_clip_mode: str = "value"
+    stage_divide: float = 0.1
+    select_last: Optional[bool] = None
+    ib_inter_dim: int = 256
+    ib_dim: int = 128
+    eta: float = 16.0
+    common_dim: int = 256
+    fusion: str = "mult"
+    fusion_kernel: int = 3
+    mult_layers: int = 2
+    mult_heads: int = 8
+    memory_layers: Optional[int] = None
+    attn_dropout: Union[float, dict] = 0.1
+    memory_attn_dropout: float = 0.4
+    relu_dropout: float = 0.0
+    res_dropout: float = 0.0
+    embed_dropout: float = 0.0
+    out_dropout: float = 0.3
+    causal: bool = True
+    translator_widths: tuple = (64, 32, 16)
+    translator_blocks: int = 8
+    translator_kernel: int = 3
+    translator_bias: bool = False
+    objective: str = "cyin"
+    lam: float = 10.0
+    translate: bool = True
+    label_weight: float = 1.0
+    regression_loss: str = "l1"
+    decoder_sigmoid: Optional[bool] = None
+    combine: Optional[str] = None
+    stochastic_test: Optional[bool] = None
+    ib_samples: Optional[str] = None
+    official: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("ib_inter_dim", "ib_dim", "common_dim", "mult_layers", "mult_heads",
+                     "translator_blocks", "fusion_kernel", "translator_kernel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.memory_layers is not None and (isinstance(self.memory_layers, bool)
+                                               or not isinstance(self.memory_layers, int)
+                                               or self.memory_layers < 0):
+            raise ValueError(f"memory_layers must be None or an int >= 0, got "
+                             f"{self.memory_layers!r}")
+        if self.common_dim % self.mult_heads:
+            raise ValueError(f"common_dim ({self.common_dim}) must be a multiple of mult_heads "
+                             f"({self.mult_heads})")
+        if not self.eta > 0:
+            raise ValueError(f"eta must be > 0, got {self.eta!r}")
+        if not self.lam >= 0 or not self.label_weight >= 0:
+            raise ValueError(f"lam and label_weight must be >= 0, got {self.lam!r} and "
+                             f"{self.label_weight!r}")
+        for name, value, choices in (("fusion", self.fusion, FUSIONS),
+                                     ("objective", self.objective, OBJECTIVES),
+                                     ("regression_loss", self.regression_loss, ("l1", "mse")),
+                                     ("combine", self.combine, (None, *COMBINES)),
+                                     ("ib_samples", self.ib_samples, (None, *IB_SAMPLES))):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not 0.0 <= self.stage_divide <= 1.0:
+            raise ValueError(f"stage_divide must be in [0, 1], got {self.stage_divide}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        drops = (self.attn_dropout.values() if isinstance(self.attn_dropout, dict)
+                 else [self.attn_dropout])
+        for name, values in (("attn_dropout", drops),
+                             ("memory_attn_dropout", [self.memory_attn_dropout]),
+                             ("relu_dropout", [self.relu_dropout]),
+                             ("res_dropout", [self.res_dropout]),
+                             ("embed_dropout", [self.embed_dropout]),
+                             ("out_dropout", [self.out_dropout])):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+                       for v in values):
+                raise ValueError(f"{name} must be a probability in [0, 1) (attn_dropout: or a "
+                                 f"{{modality: probability}} dict), got {getattr(self, name)!r}")
+
+    def resolved(self, name: str):
+        """An option's value: as set, or (None) as `official` says."""
+        value = getattr(self, name)
+        return (OFFICIAL_QUIRKS if self.official else OUR_QUIRKS)[name] if value is None else value
 
 
 class CyIN(MultimodalModel):
     """CyIN for M >= 2 modalities of shapes {name: (L_m, D_m)} (see the module docstring).
 
-    Args:
-        modalities, task, num_classes: as MultimodalModel.
-        common_dim: width C of the input projections (and of the decoders' outputs).
-        ib_inter_dim, ib_dim: hidden width and latent size D of the token-level IB encoders
-            (two 1x1 convolutions with ReLU per head) and decoders.
-        eta: the IB trade-off: L_IB = mean[KL + eta MSE], added as (1/eta) L_IB.
-        decoder_sigmoid, combine, stochastic_test, official: the official code's quirks (see
-            the module docstring): None = as `official` says.
-        fusion_dim, mult_layers, mult_heads, memory_layers: MulT fusion width, cross-modal
-            layers, heads and causal self-attention memory layers per target.
-        attn_dropout, relu_dropout, res_dropout, embed_dropout: MulT's four dropouts;
-            out_dropout: the residual MLP's dropout.
-        translator_widths, translator_blocks: the cascaded residual autoencoders of the
-            translators (one network per modality pair, shared by both directions).
-        lam: weight of the translation (forward + cycle) loss in stage 2.
-        translate: False disables translation (no translators; absent latents zero-filled
-            and masked; no translation loss) -- the ablation.
-        label_weight: weight of the label-level IB losses.
-        regression_loss: "l1" (default, MMSA's) or "mse" for regression.
+    CyIN(modalities, task, num_classes, config=None, **overrides): config a CyINConfig (or a
+    dict of its keys; default CyINConfig()), overrides keys of it.
 
     forward(inputs, present, labels=None, padding=None, stage=None): stage None (inference),
     "stage1" or "stage2" (the recipe passes it). extras: "latents" {m: z_m (B, L_m, D)} (rows
@@ -110,75 +213,76 @@ class CyIN(MultimodalModel):
     stage-2 training; `describe_substitution` names them).
     """
 
-    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0, *,
-                 common_dim: int = 256, ib_inter_dim: int = 256, ib_dim: int = 128,
-                 eta: float = 16.0, decoder_sigmoid: Optional[bool] = None,
-                 combine: Optional[str] = None, stochastic_test: Optional[bool] = None,
-                 official: bool = False, fusion_dim: int = 32, mult_layers: int = 2,
-                 mult_heads: int = 8, memory_layers: int = 3, attn_dropout: float = 0.1,
-                 relu_dropout: float = 0.1, res_dropout: float = 0.1, embed_dropout: float = 0.25,
-                 out_dropout: float = 0.0, translator_widths: Sequence[int] = (64, 32, 16),
-                 translator_blocks: int = 8, lam: float = 10.0, translate: bool = True,
-                 label_weight: float = 1.0, regression_loss: str = "l1"):
+    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0,
+                 config: Union[CyINConfig, dict, None] = None, **overrides):
         super().__init__(modalities, task, num_classes)
+        cfg = CyINConfig.from_dict(config, name="CyIN")
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        self.cfg = cfg
         M = len(self.modalities)
         if M < 2:
             raise ValueError(f"CyIN needs at least 2 modalities, got {M}")
-        for name, value in (("common_dim", common_dim), ("ib_inter_dim", ib_inter_dim),
-                            ("ib_dim", ib_dim), ("fusion_dim", fusion_dim),
-                            ("mult_layers", mult_layers), ("mult_heads", mult_heads),
-                            ("translator_blocks", translator_blocks)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(memory_layers, bool) or not isinstance(memory_layers, int) \
-                or memory_layers < 0:
-            raise ValueError(f"memory_layers must be an int >= 0, got {memory_layers!r}")
-        if fusion_dim % mult_heads:
-            raise ValueError(f"fusion_dim ({fusion_dim}) must be a multiple of mult_heads "
-                             f"({mult_heads})")
-        if not eta > 0:
-            raise ValueError(f"eta must be > 0, got {eta!r}")
-        if not lam >= 0 or not label_weight >= 0:
-            raise ValueError(f"lam and label_weight must be >= 0, got {lam!r} and {label_weight!r}")
-        if regression_loss not in ("l1", "mse"):
-            raise ValueError(f"regression_loss must be 'l1' or 'mse', got {regression_loss!r}")
-        self.official = bool(official)
-        self.decoder_sigmoid = bool(_resolve_quirk("decoder_sigmoid", decoder_sigmoid, official))
-        self.combine = _resolve_quirk("combine", combine, official)
-        self.stochastic_test = bool(_resolve_quirk("stochastic_test", stochastic_test, official))
-        if self.combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES} (or None), got {combine!r}")
-        self.ib_dim, self.eta, self.lam = ib_dim, float(eta), float(lam)
-        self.translate, self.label_weight = bool(translate), float(label_weight)
-        self.regression_loss = regression_loss
         lengths = [L for L, _ in self.modalities.values()]
+        if min(lengths) < cfg.fusion_kernel:
+            raise ValueError(f"fusion_kernel {cfg.fusion_kernel} (a convolution without padding, "
+                             f"as CyIN's proj_m) needs sequences of >= {cfg.fusion_kernel} tokens; "
+                             f"the shortest modality has {min(lengths)}: set fusion_kernel=1")
+        self.official = cfg.official
+        self.decoder_sigmoid = bool(cfg.resolved("decoder_sigmoid"))
+        self.combine = cfg.resolved("combine")
+        self.stochastic_test = bool(cfg.resolved("stochastic_test"))
+        self.ib_samples = cfg.resolved("ib_samples")
+        self.ib_dim, self.eta, self.lam = cfg.ib_dim, float(cfg.eta), float(cfg.lam)
+        self.translate, self.label_weight = bool(cfg.translate), float(cfg.label_weight)
+        self.regression_loss = cfg.regression_loss
         # token-wise translation / reconstruction when every modality has the same length
         self.tokenwise = len(set(lengths)) == 1
 
-        self.proj = nn.ModuleDict({m: nn.Linear(D, common_dim, bias=False)
-                                   for m, (_, D) in self.modalities.items()})
-        self.ib = nn.ModuleDict({m: GaussianBottleneck(common_dim, ib_dim, hidden_dim=ib_inter_dim,
+        self.ib = nn.ModuleDict({m: GaussianBottleneck(D, cfg.ib_dim, hidden_dim=cfg.ib_inter_dim,
+                                                       joint_head=True,
                                                        sample_in_eval=self.stochastic_test)
-                                 for m in self.modalities})
-        self.decoders = nn.ModuleDict({m: self._decoder(ib_dim, ib_inter_dim, common_dim)
-                                       for m in self.modalities})
-        self.label_heads = nn.ModuleDict({m: nn.Linear(ib_dim, self.out_dim)
+                                 for m, (_, D) in self.modalities.items()})
+        self.decoders = nn.ModuleDict({m: self._decoder(cfg.ib_dim, cfg.ib_inter_dim, D)
+                                       for m, (_, D) in self.modalities.items()})
+        self.label_heads = nn.ModuleDict({m: nn.Linear(cfg.ib_dim, self.out_dim)
                                           for m in self.modalities})
-        self.cycle = (CycleConsistency(M, ib_dim, widths=tuple(translator_widths),
-                                       n_blocks=translator_blocks, shared=True,
-                                       combine=self.combine) if self.translate else None)
-        self.fusion_proj = nn.ModuleDict({m: nn.Linear(ib_dim, fusion_dim, bias=False)
+        self.cycle = (CycleConsistency(M, cfg.ib_dim, widths=tuple(cfg.translator_widths),
+                                       n_blocks=cfg.translator_blocks, shared=True,
+                                       kernel_size=cfg.translator_kernel,
+                                       bias=cfg.translator_bias, combine=self.combine,
+                                       objective=cfg.objective)
+                      if self.translate else None)
+        self.fusion_proj = nn.ModuleDict({m: nn.Conv1d(cfg.ib_dim, cfg.common_dim,
+                                                       cfg.fusion_kernel, bias=False)
                                           for m in self.modalities})
-        self.fusion = nn.ModuleDict({
-            m: CrossModalTransformer(fusion_dim, mult_heads, mult_layers,
-                                     attn_dropout=attn_dropout, relu_dropout=relu_dropout,
-                                     res_dropout=res_dropout, embed_dropout=embed_dropout,
-                                     memory_layers=memory_layers)
-            for m in self.modalities})
-        width = M * fusion_dim
+        self.fusion = self._fusion(cfg, M)
+        width = self.fusion.out_dim
         self.proj1, self.proj2 = nn.Linear(width, width), nn.Linear(width, width)
-        self.out_dropout = out_dropout
+        self.out_dropout = cfg.out_dropout
         self.out_layer = nn.Linear(width, self.out_dim)
+
+    def _fusion(self, cfg: CyINConfig, M: int) -> nn.Module:
+        drop = cfg.attn_dropout
+        if isinstance(drop, dict):
+            if sorted(drop) != sorted(self.names):
+                raise ValueError(f"attn_dropout: a dict needs one probability per modality "
+                                 f"{self.names}, got keys {sorted(drop)}")
+            if cfg.fusion == "joint":
+                raise ValueError("attn_dropout: fusion='joint' attends to all sources in one "
+                                 "softmax, so it takes one probability, not one per modality")
+            drop = [float(drop[m]) for m in self.names]
+        common = dict(relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
+                      embed_dropout=cfg.embed_dropout)
+        memory = max(cfg.mult_layers, 3) if cfg.memory_layers is None else cfg.memory_layers
+        if cfg.fusion == "mult":
+            if memory < 1:
+                raise ValueError("memory_layers must be >= 1 for fusion='mult' (MulT's memory)")
+            return MulTFusion(M, cfg.common_dim, cfg.mult_heads, cfg.mult_layers,
+                              memory_layers=memory, attn_dropout=drop,
+                              memory_attn_dropout=cfg.memory_attn_dropout, causal=cfg.causal,
+                              **common)
+        return JointFusion(M, cfg.common_dim, cfg.mult_heads, cfg.mult_layers,
+                           memory_layers=memory, attn_dropout=drop, **common)
 
     def _decoder(self, ib_dim: int, inter: int, out: int) -> nn.Module:
         layers: list[nn.Module] = [nn.Linear(ib_dim, inter), nn.ReLU(), nn.Linear(inter, out)]
@@ -188,41 +292,52 @@ class CyIN(MultimodalModel):
 
     # ------------------------------------------------------------------ pieces
 
-    def encode(self, inputs: dict[str, Tensor], present: Tensor,
-               padding: dict[str, Tensor]) -> tuple[dict, dict, dict, dict]:
-        """(x {m: (B, L_m, C)}, z {m: (B, L_m, D)}, kl {m: ()}, valid {m: (B, L_m) bool})."""
-        xs, zs, kls, valid = {}, {}, {}, {}
+    def encode(self, inputs: dict[str, Tensor], present: Tensor, padding: dict[str, Tensor]):
+        """(x {m: (B, L_m, D_m)} the raw zero-filled inputs, z {m: (B, L_m, D)}, kl {m: ()},
+        valid {m: (B, L_m) bool}, decoder_inputs {m: [M tensors (B, L_m, D)]}: the sample
+        decoder n reads for the (m, n) term -- z_m itself with ib_samples="shared", else one
+        draw per n, z_m being the last, as the official IB_translate calls)."""
+        xs, zs, kls, valid, dec_in = {}, {}, {}, {}, {}
+        M = len(self.names)
         for i, (m, x) in enumerate(inputs.items()):
             pad = padding.get(m)
             keep = present[:, i, None].expand(x.shape[0], x.shape[1])
             if pad is not None:
                 keep = keep & ~pad
-            xp = self.proj[m](zero_absent(x, present[:, i], pad))          # (B, L_m, C)
-            z, kl_rows = self.ib[m](xp, keep)                              # (B, L_m, D), (B, L_m)
+            x0 = zero_absent(x, present[:, i], pad)                        # (B, L_m, D_m)
+            if self.training and self.ib_samples == "per_pair":
+                mu, logvar = self.ib[m].moments(x0, keep)
+                draws = [reparameterize_kl(mu, logvar, mask=keep) for _ in range(M)]
+                z, kl_rows = draws[-1]
+                dec_in[m] = [d[0] for d in draws]
+            else:
+                z, kl_rows = self.ib[m](x0, keep)                          # (B, L_m, D), (B, L_m)
+                dec_in[m] = [z] * M
             # element-average of the KL over the included rows' entries (official: mean)
             kls[m] = kl_rows.sum() / (keep.sum() * self.ib_dim).clamp(min=1).to(kl_rows.dtype)
-            xs[m], zs[m], valid[m] = xp, z, keep
-        return xs, zs, kls, valid
+            xs[m], zs[m], valid[m] = x0, z, keep
+        return xs, zs, kls, valid, dec_in
 
-    def ib_loss(self, xs: dict, zs: dict, kls: dict, valid: dict) -> Tensor:
+    def ib_loss(self, xs: dict, kls: dict, valid: dict, dec_in: dict) -> Tensor:
         """L_IB = mean over the (m, n) pairs with at least one valid sample/token in both of
         [KL_m + eta MSE(Dec_n(z_m), x_n)] (time means when L_m != L_n); 0 when none."""
         names = self.names
         kl = torch.stack([kls[m] for m in names])                          # (M,)
+        M = len(names)
         if self.tokenwise:  # every pair token-wise, one decoder call per target n
-            z = torch.cat([zs[m] for m in names], 1)                       # (B, M L, D)
             V = torch.stack([valid[m] for m in names])                     # (M, B, L)
-            err = torch.stack([self.decoders[n](z).unflatten(1, (len(names), -1)).sub(
-                xs[n].unsqueeze(1)).pow(2).mean(-1).transpose(0, 1) for n in names], 1)
+            err = torch.stack([self.decoders[n](torch.cat([dec_in[m][j] for m in names], 1))
+                               .unflatten(1, (M, -1)).sub(xs[n].unsqueeze(1)).pow(2).mean(-1)
+                               .transpose(0, 1) for j, n in enumerate(names)], 1)
             both = V[:, None] & V[None]                                    # (M m, M n, B, L)
             err = torch.where(both, err, torch.zeros((), dtype=err.dtype, device=err.device))
             count = both.sum((2, 3))                                       # (M, M)
             mse = err.sum((2, 3)) / count.clamp(min=1).to(err.dtype)
         else:
-            lengths = [zs[m].shape[1] for m in names]
+            lengths = [xs[m].shape[1] for m in names]
             sums, counts = [], []
-            for n in names:
-                out = self.decoders[n](torch.cat([zs[m] for m in names], 1))  # (B, sum L, C)
+            for j, n in enumerate(names):
+                out = self.decoders[n](torch.cat([dec_in[m][j] for m in names], 1))
                 for m, rec in zip(names, out.split(lengths, 1)):
                     if rec.shape[1] == xs[n].shape[1]:
                         both = valid[m] & valid[n]                         # (B, L)
@@ -234,13 +349,12 @@ class CyIN(MultimodalModel):
                     sums.append(torch.where(both, e, torch.zeros((), dtype=e.dtype,
                                                                  device=e.device)).sum())
                     counts.append(both.sum())
-            M = len(names)
             count = torch.stack(counts).view(M, M).t()                     # (M m, M n)
             mse = torch.stack(sums).view(M, M).t() / count.clamp(min=1).to(kl.dtype)
         on = (count > 0).to(mse.dtype)
         return (on * (kl[:, None] + self.eta * mse)).sum() / on.sum().clamp(min=1)
 
-    def _translation_space(self, zs: dict, valid: dict, present: Tensor):
+    def _translation_space(self, zs: dict, valid: dict):
         """(latents (M, B, T, D) for the translators, token_mask (B, T) or None): token-wise
         latents when every length is equal, else time-pooled (T = 1)."""
         if self.tokenwise:
@@ -258,35 +372,24 @@ class CyIN(MultimodalModel):
         pad = (torch.arange(length, device=t.device) >= 1).expand(B, length)
         return seq, pad
 
-    def _substitute(self, zt: Tensor, present: Tensor, token_mask: Optional[Tensor]):
+    def _substitute(self, fwd: Tensor, present: Tensor, reconstructed_count: Tensor,
+                    total: Tensor):
         """Stage-2 draws, as tensors (no Python value depends on them, so torch.compile keeps
         one graph): (draws (M,) int64: 0 the real latent, 1 the combination, 2 + j the
         translation from the j-th other modality; latents (M, B, T, D) to use instead of the
-        real ones where `use` (M, B) is True)."""
+        real ones where `use` (M, B) is True). fwd: the pairs' translations (P, B, T, D)."""
         M = len(self.names)
-        cycle = self.cycle
-        draws = torch.randint(0, M + 1, (M,)).to(zt.device)                # torch's global RNG
+        draws = torch.randint(0, M + 1, (M,)).to(fwd.device)               # torch's global RNG
         on = present.t()                                                    # (M, B)
-        tail = (1,) * (zt.dim() - 2)
-        keep = on.view(M, -1, *tail)
-        if token_mask is not None:
-            keep = keep & token_mask.unsqueeze(-1)
-        z = torch.where(keep, zt, 0)
-        fwd = cycle.translator(z[cycle.src])                                # (P, B, T, D)
-        src_on = on[cycle.src]                                              # (P, B)
-        used = torch.where(src_on.view(*src_on.shape, *tail), fwd, 0)
-        total = torch.zeros_like(z).index_add(0, cycle.dst, used)          # (M, B, T, D)
-        count = torch.zeros_like(on, dtype=z.dtype).index_add(0, cycle.dst, src_on.to(z.dtype))
-        if self.combine == "mean":
-            total = total / count.clamp_min(1).view(M, -1, *tail)
-        source, pair = self._draw_tables(zt.device)                         # (M, M + 1) each
-        rows = torch.arange(M, device=zt.device)
+        tail = (1,) * (fwd.dim() - 2)
+        source, pair = self._draw_tables(fwd.device)                        # (M, M + 1) each
+        rows = torch.arange(M, device=fwd.device)
         k = source[rows, draws]                                             # (M,) drawn source
         translated = fwd.index_select(0, pair[rows, draws])                 # (M, B, T, D)
         k_on = on.index_select(0, k).view(M, -1, *tail)
         from_k = (draws >= 2).view(M, 1, *tail) & k_on   # the drawn source, where it is present
         latents = torch.where(from_k, translated, total)
-        use = (draws > 0).view(M, 1) & on & (count > 0)      # present, with a source to draw from
+        use = (draws > 0).view(M, 1) & on & (reconstructed_count > 0)  # present, with a source
         return draws, latents, use
 
     def _draw_tables(self, device) -> tuple[Tensor, Tensor]:
@@ -308,6 +411,16 @@ class CyIN(MultimodalModel):
             out[self.names[n]] = "real" if d == 0 else "combination" if d == 1 else others[d - 2]
         return out
 
+    def _project(self, m: str, lat: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+        """Conv1d over time without padding (CyIN's proj_m): (B, L, D) -> (B, L - k + 1, C);
+        an output token is padding when its whole window is."""
+        k = self.cfg.fusion_kernel
+        lat = torch.where(pad.unsqueeze(-1), 0, lat)
+        out = self.fusion_proj[m](lat.transpose(1, 2)).transpose(1, 2)
+        if k > 1:
+            pad = pad.unfold(1, k, 1).all(-1)                               # (B, L - k + 1)
+        return out, pad
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, inputs: dict[str, Tensor], present: Tensor, labels: Optional[Tensor] = None,
@@ -318,7 +431,7 @@ class CyIN(MultimodalModel):
         self.check_inputs(inputs, present)
         padding = padding or {}
         names, M = self.names, len(self.names)
-        xs, zs, kls, valid = self.encode(inputs, present, padding)
+        xs, zs, kls, valid, dec_in = self.encode(inputs, present, padding)
 
         # ---- translation: losses (stage 2), reconstructions of absent modalities
         cyc, token_mask, subs = None, None, None
@@ -328,10 +441,13 @@ class CyIN(MultimodalModel):
         translating = self.translate and (stage == "stage2" or torch.compiler.is_compiling()
                                           or not bool(present.all()))
         if translating:
-            zt, token_mask = self._translation_space(zs, valid, present)
+            zt, token_mask = self._translation_space(zs, valid)
             cyc = self.cycle(zt, present, token_mask)
             if self.training and stage == "stage2":
-                subs = self._substitute(zt, present, token_mask)
+                count = torch.zeros(M, present.shape[0], dtype=zt.dtype, device=zt.device) \
+                    .index_add(0, self.cycle.dst, present.t()[self.cycle.src].to(zt.dtype))
+                total = self._combination(cyc.translations, present, count, zt)
+                subs = self._substitute(cyc.translations, present, count, total)
         others_on = (present.sum(1, keepdim=True) - present.long()) > 0       # (B, M)
         available = present | others_on if self.translate else present
 
@@ -351,16 +467,10 @@ class CyIN(MultimodalModel):
                 lat = torch.where(absent.view(-1, 1, 1), t, lat)
                 pad = torch.where(absent.view(-1, 1), t_pad, pad)
             pad = pad | ~available[:, i, None]
-            feats.append(self.fusion_proj[m](lat))                            # (B, L, F)
+            h, pad = self._project(m, lat, pad)                               # (B, L', C)
+            feats.append(h)
             pads.append(pad)
-        pooled = []
-        for i, m in enumerate(names):
-            others = [j for j in range(M) if j != i]
-            o = self.fusion[m](feats[i], [feats[j] for j in others], present=available[:, others],
-                               key_padding_mask=[pads[j] for j in others],
-                               target_padding_mask=pads[i])                  # (B, L, F)
-            pooled.append(masked_mean(o, pads[i]))                            # (B, F)
-        h = torch.cat(pooled, -1)                                             # (B, M F)
+        h = self.fusion(feats, pads, available)                               # (B, width)
         h = self.proj2(F.dropout(F.relu(self.proj1(h)), self.out_dropout, self.training)) + h
         out = ModelOutput(**self.head_output(self.out_layer(h)), extras={
             "latents": zs, "available": available,
@@ -376,34 +486,46 @@ class CyIN(MultimodalModel):
             term = masked_task_loss(y, labels, self.task, valid[m].any(1), self.regression_loss)
             label = term if label is None else label + term
         losses["label_ib"] = self.label_weight * label
-        losses["ib"] = self.ib_loss(xs, zs, kls, valid) / self.eta
+        losses["ib"] = self.ib_loss(xs, kls, valid, dec_in) / self.eta
         if cyc is not None and stage == "stage2":
             losses["translation"] = self.lam * cyc.loss
         out.losses = losses
         return out
 
+    def _combination(self, fwd: Tensor, present: Tensor, count: Tensor, zt: Tensor) -> Tensor:
+        """c_n (M, B, T, D): the combination (sum / mean) of the present sources' translations."""
+        M = len(self.names)
+        tail = (1,) * (zt.dim() - 2)
+        src_on = present.t()[self.cycle.src]                                # (P, B)
+        used = torch.where(src_on.view(*src_on.shape, *tail), fwd, 0)
+        total = torch.zeros_like(zt).index_add(0, self.cycle.dst, used)
+        if self.combine == "mean":
+            total = total / count.clamp_min(1).view(M, -1, *tail)
+        return total
+
 
 class CyINRecipe(Recipe):
-    """CyIN's two stages: "stage1" for the first round(stage_divide * epochs) epochs (at most
-    epochs - 1: at least one epoch of stage 2), then "stage2" (translation loss and latent
-    substitution). One AdamW on every parameter (the official code gives a pre-trained BERT
-    text encoder its own learning rate; our models take pre-extracted features and have no
-    such encoder, so there is one lr). Only stage-2 epochs are selectable: before, the
-    translators that rebuild absent modalities are untrained.
-
-    Config keys: epochs (30), stage_divide (0.1), lr, weight_decay, batch_size, grad_clip,
-    modality_dropout (0: the official code trains on complete data).
+    """CyIN's two stages (trains/generationBased/CyIN.py): "stage1" for the epochs e = 1, 2, ...
+    with e <= epochs * stage_divide (floor(epochs * stage_divide) of them; with official=False
+    at most epochs - 1, so at least one epoch of stage 2), then "stage2" (translation loss and
+    latent substitution). One AdamW on every parameter with the config's weight decay (the
+    official code gives its BERT text encoder lr_lm; our models take pre-extracted features and
+    have no such encoder). Gradient clipping: grad_clip / grad_clip_mode (official:
+    clip_grad_value_(5.0)). Selection: select_last (official: the model after the last epoch,
+    no validation) or, ours, the best stage-2 epoch on the validation split (before stage 2 the
+    translators that rebuild absent modalities are untrained).
     """
 
-    def __init__(self, config: Optional[dict] = None):
-        config = dict(config or {})
+    Config = CyINConfig
+
+    def __init__(self, config: Union[CyINConfig, dict, None] = None):
         super().__init__(config)
-        self.stage_divide = float(config.get("stage_divide", 0.1))
-        if not 0.0 <= self.stage_divide <= 1.0:
-            raise ValueError(f"stage_divide must be in [0, 1], got {self.stage_divide}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        self.stage1_epochs = min(int(round(self.stage_divide * self.epochs)), self.epochs - 1)
+        cfg = self.cfg
+        self.stage_divide = float(cfg.stage_divide)
+        limit = self.epochs * self.stage_divide  # the official `epochs <= max_epoch * stage_divide`
+        stage1 = sum(1 for e in range(1, self.epochs + 1) if e <= limit)
+        self.stage1_epochs = stage1 if cfg.official else min(stage1, self.epochs - 1)
+        self.select_last = bool(cfg.resolved("select_last"))
 
     def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         """One AdamW; its fused kernel where every parameter allows it (a CPU or CUDA float
@@ -420,11 +542,13 @@ class CyINRecipe(Recipe):
         return "stage1" if epoch < self.stage1_epochs else "stage2"
 
     def selects(self, epoch: int) -> bool:
+        if self.select_last:
+            return epoch == self.epochs - 1
         return self.stage(epoch) == "stage2"
 
     def train_step(self, model: nn.Module, batch, optimizers: dict, *, epoch: int, step: int,
                    stage: str) -> dict[str, float]:
-        """Forward with the stage, loss check, backward, AdamW step."""
+        """Forward with the stage, loss check, backward, clipping, AdamW step."""
         if stage not in STAGES:
             raise ValueError(f"CyIN stage must be one of {STAGES}, got {stage!r}")
         out = model(batch.inputs, batch.present, labels=batch.labels, padding=batch.padding,

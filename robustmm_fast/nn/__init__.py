@@ -5,6 +5,7 @@ from .cycle_translator import CycleTranslator
 from .gaussian_bottleneck import GaussianBottleneck
 from .masked_attention import MaskedCrossModalAttention
 from .masked_batch_norm import masked_batch_norm
+from .multimodal_fusion import JointFusion, MulTFusion
 
 __all__ = ["CrossModalTransformer", "CycleConsistency", "CycleTranslator", "GaussianBottleneck",
-           "MaskedCrossModalAttention", "masked_batch_norm"]
+           "JointFusion", "MaskedCrossModalAttention", "MulTFusion", "masked_batch_norm"]

@@ -8,8 +8,10 @@ source modalities in one masked attention call per layer, skipping absent source
     out = LN(x)                                                                   (B, Lt, E)
     memory (memory_layers > 0): the same stack again on `out` -- re-embedded (sqrt(E) scale,
     positions, dropout) and with causal self-attention, as MulT's "mem" transformers; its keys
-    are masked by target_padding_mask. The cross stack is not causal (MulT's optional future
-    mask across modalities has no meaning for concatenated segments).
+    are masked by target_padding_mask. The cross stack is causal only with causal=True and one
+    source segment, as MulT's attn_mask: query i sees source keys j <= i + |Ls - Lt|
+    (buffered_future_mask; the plain causal mask when the lengths are equal). MulT's future mask
+    has no meaning for several concatenated segments.
 
 P: fairseq/MulT sinusoidal positions 1..L as [sin | cos] halves. P_seg restarts at 1 in each
 source segment, as MulT embeds each source sequence on its own: a source's keys do not depend on
@@ -27,7 +29,18 @@ from torch import Tensor, nn
 
 from .masked_attention import MaskedCrossModalAttention, key_keep
 
-__all__ = ["CrossModalTransformer", "sinusoid_positions"]
+__all__ = ["CrossModalTransformer", "sinusoid_positions", "future_mask"]
+
+
+def future_mask(target_len: int, source_len: int, device=None) -> dict:
+    """MulT's buffered_future_mask as attention keywords: key j is hidden from query i when
+    j > i + |source_len - target_len|. Equal lengths: {"is_causal": True} (the fused op's
+    causal path); else {"attn_mask": (Lt, Ls) bool, True = hidden}."""
+    if target_len == source_len:
+        return {"is_causal": True}
+    i = torch.arange(target_len, device=device).unsqueeze(1)
+    j = torch.arange(source_len, device=device)
+    return {"attn_mask": j > i + abs(source_len - target_len)}
 
 
 def sinusoid_positions(lengths: Sequence[int], dim: int, device=None,
@@ -100,6 +113,7 @@ class CrossModalTransformer(nn.Module):
             its attention is causal unless memory_causal=False.
         ffn_dim: hidden width of the feed-forward (default 4 * embed_dim).
         positions: add sinusoidal positions (per source segment) to target and sources.
+        causal: the cross stack's attention is causal as MulT's attn_mask (one source only).
 
     forward(target, sources, *, present, key_lengths, key_padding_mask, target_padding_mask):
         sources: one (B, Ls, E) tensor whose segments have lengths `key_lengths`, or a list of
@@ -113,14 +127,14 @@ class CrossModalTransformer(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, layers: int, *, attn_dropout: float = 0.0,
                  relu_dropout: float = 0.0, res_dropout: float = 0.0, embed_dropout: float = 0.0,
                  memory_layers: int = 0, memory_causal: bool = True, ffn_dim: Optional[int] = None,
-                 positions: bool = True):
+                 positions: bool = True, causal: bool = False):
         super().__init__()
         if layers < 1 or memory_layers < 0:
             raise ValueError(f"layers must be >= 1 and memory_layers >= 0, got {layers} and "
                              f"{memory_layers}")
         args = (embed_dim, num_heads, ffn_dim or 4 * embed_dim, attn_dropout, relu_dropout,
                 res_dropout, embed_dropout, positions)
-        self.embed_dim, self.memory_causal = embed_dim, memory_causal
+        self.embed_dim, self.memory_causal, self.causal = embed_dim, memory_causal, bool(causal)
         self.cross = _Stack(*args[:2], layers, *args[2:])
         self.memory = _Stack(*args[:2], memory_layers, *args[2:]) if memory_layers else None
 
@@ -149,8 +163,14 @@ class CrossModalTransformer(nn.Module):
             sources = torch.where(keep.unsqueeze(-1), sources, 0.0)
         if target_padding_mask is not None:
             target = torch.where(target_padding_mask.unsqueeze(-1), 0.0, target)
+        causal = {}
+        if self.causal:
+            if key_lengths is not None and len(key_lengths) > 1:
+                raise ValueError(f"causal=True needs one source segment (MulT's future mask), "
+                                 f"got {len(key_lengths)}")
+            causal = future_mask(target.shape[1], sources.shape[1], target.device)
         x = self.cross(target, sources, key_lengths=key_lengths, present=present,
-                       key_padding_mask=key_padding_mask)
+                       key_padding_mask=key_padding_mask, **causal)
         if self.memory is not None:
             x = self.memory(x, key_padding_mask=target_padding_mask, is_causal=self.memory_causal)
         return x

@@ -41,7 +41,7 @@ from . import distributed as dist_utils
 from .checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, VERSION, canonical, data_facts,
                          load_checkpoint, run_identity, save_atomic)
 from .evaluate import evaluate
-from .recipe import Recipe
+from ..contract import Recipe
 
 __all__ = ["fit", "FitResult", "ENGINE_KEYS"]
 

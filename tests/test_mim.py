@@ -3,7 +3,13 @@ data, absent/padded values inert (NaN included), the hard-concrete gate and the 
 the fusions restated, KGS (intra, alpha weights, teacher, inter) restated, the two optimizers'
 gradient routing and step restated, the fused and reference backends agreeing on a training
 step, the config round trip with the official-quirks flag, argument validation, and CLI smoke
-trains on Handwritten and the MMSA format."""
+trains on Handwritten and the MMSA format.
+
+Fidelity to the official code (github.com/zengy268/MIM, issue 13), each restated from its source
+with file:line: the MulT token encoder, the text's Conv1d-only path, the train script's loss_kd
+(10 alpha_t)^2 inter loss and its Adjuster weights, the main losses reaching the gates and the
+encoders through them, the two Adams (the main one over every parameter) and their step, the
+unmasked padding, and the `mosi` preset's numbers against README.md's configuration."""
 from __future__ import annotations
 
 import copy
@@ -124,10 +130,13 @@ def _loss_output_grads(model, inputs, b, seed):
 
 @pytest.mark.parametrize("name", ["vec6", "seq2_padded", "seq3_unequal"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("fusion", ["product", "concat"])
-def test_absent_and_padded_values_never_reach_output_or_gradients(name, mode, fusion):
+@pytest.mark.parametrize("fusion,official", [("product", False), ("concat", False),
+                                             ("product", True)])
+def test_absent_and_padded_values_never_reach_output_or_gradients(name, mode, fusion, official):
+    """Also official=True: padded steps are then processed as steps (mask_padding False), but
+    their values are zeroed first, so their content stays inert."""
     ds = data(name)
-    model = build(ds, fusion=fusion, conv_kernel=3).train(mode == "train")
+    model = build(ds, fusion=fusion, conv_kernel=3, official=official).train(mode == "train")
     b = batch(ds)
     hidden = {}
     for i, m in enumerate(ds.modalities):
@@ -406,19 +415,29 @@ def test_optimizers_partition_the_parameters():
     assert MIMRecipe({"lr": 2e-3}).optimizers(model)["gate"].param_groups[0]["lr"] == 2e-3
     with pytest.raises(ValueError, match="gate_parameters"):
         r.optimizers(torch.nn.Linear(2, 2))
+    # official (gates_from_main): train.py:62 Adam(self.model.parameters()) -- every parameter,
+    # the UPN included; train.py:66-68 Adam over the l/a/v masks (the UPN)
+    official = build(ds, official=True)
+    opts = MIMRecipe({}).optimizers(official)
+    params = {n: [id(p) for g in o.param_groups for p in g["params"]] for n, o in opts.items()}
+    assert params["main"] == [id(p) for p in official.parameters()]
+    assert params["gate"] == [id(p) for p in official.upn.parameters()]
 
 
 @pytest.mark.parametrize("from_main", [False, True])
 def test_each_loss_group_reaches_only_its_parameters(from_main):
-    """Gate terms -> UPN only; main terms -> every other parameter (and, with gates_from_main
-    (official), the UPN too)."""
+    """Ours: gate terms -> UPN only; main terms -> every other parameter. gates_from_main
+    (official): the main terms reach the UPN too; the gate terms may then reach the encoders
+    through the UPN's live input, a gradient the recipe never takes (autograd.grad w.r.t. the
+    UPN only), as the official optimizer_model.zero_grad() discards it (train.py:145)."""
     ds = data("seq2_padded")
     model = build(ds, gates_from_main=from_main).train()
     out = run(model, batch(ds))
     main, gate = _groups(model)
     g_gate_main = torch.autograd.grad(gate_loss(out.losses), main, retain_graph=True,
                                       allow_unused=True)
-    assert all(g is None or not g.any() for g in g_gate_main)
+    if not from_main:
+        assert all(g is None or not g.any() for g in g_gate_main)
     g_gate_gate = torch.autograd.grad(gate_loss(out.losses), gate, retain_graph=True,
                                       allow_unused=True)
     assert sum(g.abs().sum() for g in g_gate_gate if g is not None) > 0
@@ -430,12 +449,20 @@ def test_each_loss_group_reaches_only_its_parameters(from_main):
     assert sum(g.abs().sum() for g in g_main_main if g is not None) > 0
 
 
-def test_train_step_equals_per_group_gradients_and_adamw():
+def _adamw_first_step(p, g, lr, wd):
+    """AdamW's first step written out: p (1 - lr wd) - lr g / (|g| + eps)."""
+    return p * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_train_step_equals_per_group_gradients_and_adamw(official):
     """recipe.train_step == autograd.grad of each group's sum w.r.t. its own parameters (both
-    computed on the same forward before any step), then each AdamW's first step written out:
-    p <- p (1 - lr wd) - lr g / (|g| + eps)."""
+    computed on the same forward before any step), then each AdamW's first step written out.
+    official (train.py:140-150): the main Adam steps EVERY parameter with the main terms'
+    gradient (the UPN's included: it reaches them through the live gates), then the UPN Adam
+    steps the UPN with the gate terms' gradient -- two updates of the UPN per step."""
     ds = data("seq3_unequal")
-    model = build(ds).double().train()
+    model = build(ds, official=official).double().train()
     ref = copy.deepcopy(model)
     recipe = MIMRecipe({"lr": 1e-2, "gate_lr": 3e-2, "weight_decay": 0.1})
     opts = recipe.optimizers(model)
@@ -447,17 +474,32 @@ def test_train_step_equals_per_group_gradients_and_adamw():
     assert logged.keys() == {"loss", *out.losses}
     main, gate = _groups(ref)
     new_main, new_gate = _groups(model)
-    for params, new, loss, lr in ((main, new_main, main_loss(out.losses), 1e-2),
-                                  (gate, new_gate, gate_loss(out.losses), 3e-2)):
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        assert sum(g is not None for g in grads) > 0
-        for p, q, g in zip(params, new, grads):
-            if g is None:
-                assert q.grad is None and torch.equal(q, p)
-                continue
-            torch.testing.assert_close(q.grad, g, rtol=1e-10, atol=1e-12)
-            want = p.detach() * (1 - lr * 0.1) - lr * g / (g.abs() + 1e-8)
-            torch.testing.assert_close(q.detach(), want, rtol=1e-10, atol=1e-12)
+    gate_ids = {id(p) for p in gate}
+    g_gate = torch.autograd.grad(gate_loss(out.losses), gate, retain_graph=True,
+                                 allow_unused=True)
+    assert sum(g is not None for g in g_gate) > 0
+    if not official:
+        g_main = torch.autograd.grad(main_loss(out.losses), main, allow_unused=True)
+        for params, new, grads, lr in ((main, new_main, g_main, 1e-2),
+                                       (gate, new_gate, g_gate, 3e-2)):
+            for p, q, g in zip(params, new, grads):
+                if g is None:
+                    assert q.grad is None and torch.equal(q, p)
+                    continue
+                torch.testing.assert_close(q.grad, g, rtol=1e-10, atol=1e-12)
+                want = _adamw_first_step(p.detach(), g, lr, 0.1)
+                torch.testing.assert_close(q.detach(), want, rtol=1e-10, atol=1e-12)
+        return
+    every = list(ref.parameters())
+    g_main = torch.autograd.grad(main_loss(out.losses), every, allow_unused=True)
+    reached = [g for p, g in zip(every, g_main) if id(p) in gate_ids and g is not None]
+    assert reached and sum(g.abs().sum() for g in reached) > 0   # the gates see the main losses
+    gate_grad = {id(p): g for p, g in zip(gate, g_gate)}
+    for p, q, g in zip(every, model.parameters(), g_main):
+        want = p.detach() if g is None else _adamw_first_step(p.detach(), g, 1e-2, 0.1)
+        if id(p) in gate_ids and gate_grad[id(p)] is not None:   # then the UPN Adam's step
+            want = _adamw_first_step(want, gate_grad[id(p)], 3e-2, 0.1)
+        torch.testing.assert_close(q.detach(), want, rtol=1e-10, atol=1e-12)
 
 
 def test_zero_gate_terms_leave_the_gates_unchanged():
@@ -539,9 +581,6 @@ def test_config_round_trip_and_official_flag():
     assert (d["gate_bias"], d["temperature"], d["gamma"], d["zeta"], d["threshold"],
             d["l0_weight"], d["intra_weight"], d["inter_weight"], d["fusion"]) == \
         (3.0, 1 / 3, -0.2, 1.0, 0.6, 0.1, 1.0, 1.0, "product")
-    mosi = default_config("mim", "mosi")
-    assert (mosi["conv_kernel"], mosi["layers"], mosi["heads"], mosi["attn_dropout"],
-            mosi["weight_decay"]) == (3, 3, 5, 0.5, 0.0)
     ours = method.build(ds, SMALL)
     official = method.build(ds, {**SMALL, "official": True})
     got = lambda m: {k: getattr(m, k) for k in OFFICIAL_QUIRKS}  # noqa: E731
@@ -568,8 +607,10 @@ def test_config_round_trip_and_official_flag():
     ("threshold", 1.0), ("gate_bias", float("nan")), ("fusion", "max"),
     ("pool_activation", "gelu"), ("l0_weight", -1.0), ("intra_weight", float("inf")),
     ("inter_weight", -0.5), ("unimodal_weight", -1.0), ("inter_weighting", "both"),
-    ("stochastic_test", "yes"), ("gates_from_main", 1), ("official", "yes"),
-    ("regression_loss", "huber")])
+    ("stochastic_test", "yes"), ("gates_from_main", 1), ("mask_padding", "no"),
+    ("mult_encoder", 0),
+    ("official", "yes"), ("regression_loss", "huber"), ("conv_only", "fac"),
+    ("conv_only", [1])])
 def test_bad_arguments_raise_naming_them(key, value):
     ds = make_data(HW6)
     with pytest.raises(ValueError, match=key if key != "hidden" or value == 0 else "heads"):
@@ -597,6 +638,252 @@ def test_single_modality_and_pool_activation():
         v, t = out.extras["purified"]["a"], out.extras["tokens"]["a"]
         fn = torch.tanh if act == "tanh" else torch.relu
         torch.testing.assert_close(v, fn(out.extras["gates"]["a"][..., None] * t).sum(1))
+
+
+# ---------------------------------------------------------------- fidelity to the official code
+# Each expectation below is restated from github.com/zengy268/MIM (HEAD 08df574), file:line.
+
+def test_mosi_preset_is_the_official_configuration():
+    """The expected values are typed from the official sources, not from our registry."""
+    want = {
+        # README.md:37-41 (global_configs.DefaultConfigs): lr 1e-5, d_l 80, n_epochs 100,
+        # train_batch_size 16
+        "lr": 1e-5, "hidden": 80, "epochs": 100, "batch_size": 16,
+        # train.py:62, 66-68: both optimizers Adam(..., lr=config.lr): one lr, no weight decay;
+        # no clipping anywhere in train.py
+        "gate_lr": None, "weight_decay": 0.0, "grad_clip": 0.0,
+        # model.py:76, 106: nn.Conv1d(DIM, d_l, kernel_size=3, stride=1, padding=1, bias=False)
+        "conv_kernel": 3,
+        # model.py:82-88 and 112-118: TransformerEncoder(num_heads=5, layers=3, attn_dropout=0.5,
+        # relu_dropout=0.3, res_dropout=0.3, embed_dropout=0.2)
+        "heads": 5, "layers": 3, "attn_dropout": 0.5, "dropout": 0.3, "embed_dropout": 0.2,
+        # model.py:65-69: the text is BERT's sequence output through proj_l only
+        "conv_only": ["text"],
+        # model.py:134: HardConcrete(beta=1/3, gamma=-0.2, zeta=1.0, fix_temp=True, loc_bias=3);
+        # model.py:158: hard gate at clipped_s > 0.6
+        "temperature": 1 / 3, "gamma": -0.2, "zeta": 1.0, "gate_bias": 3.0, "threshold": 0.6,
+        # model.py:173, 187-189: Linear(L, L // 5), ReLU, Linear(L // 5, L)
+        "gate_bottleneck": None,
+        # model.py:227, 234, 239: 'multiplication' -> tanh(linear_mul(l * a * v)) -> Linear(d, 1)
+        "fusion": "product", "out_dropout": 0.0,
+        # train.py:75 self.weight = 1 on loss_unmasked/loss_masked/loss_inter (lines 119, 120,
+        # 132), loss_intra unweighted (126), p_w = 0.1 on the penalty (98, 102)
+        "unimodal_weight": 1.0, "intra_weight": 1.0, "inter_weight": 1.0, "l0_weight": 0.1,
+        # utils/loss.py:16: nn.L1Loss() for every task loss
+        "regression_loss": "l1",
+        # train.py:82-95: every batch has all three modalities
+        "modality_dropout": 0.0,
+    }
+    got = default_config("mim", "mosi")
+    assert {k: got[k] for k in want} == want
+    ds = make_data({"text": (6, 8), "audio": (6, 4), "vision": (6, 5)}, task="regression")
+    model = get_method("mim").build(ds, {**got, "official": True})
+    assert (model.stochastic_test, model.inter_weighting, model.gates_from_main,
+            model.mask_padding, model.mult_encoder) == (True, "teacher", True, False, True)
+    assert len(model.encoders["text"].layers) == 0 and len(model.encoders["audio"].layers) == 3
+    assert model.upn["audio"].bottleneck[0].out_features == 6 // 5
+    recipe = get_method("mim").recipe(got)
+    assert (recipe.lr, recipe.gate_lr, recipe.weight_decay, recipe.epochs,
+            recipe.batch_size) == (1e-5, 1e-5, 0.0, 100, 16)
+
+
+def _official_token_encoder(enc, x):
+    """A_Encoder.forward (model.py:91-99) with MulT's TransformerEncoder (transformer.py:49-90,
+    133-165), MultiheadAttention (multihead_attention:53-137) and positions (position_embedding:
+    8-27, 45-76) in eval mode, on our module's parameters, sequence-first as there.
+    x (B, L, D) -> (B, L, H)."""
+    x_in = F.conv1d(x.transpose(1, 2), enc.conv.weight, padding=1).permute(2, 0, 1)  # (L, B, H)
+    L, B, H = x_in.shape
+    half = H // 2
+    emb = math.log(10000) / (half - 1)
+    emb = torch.exp(torch.arange(half, dtype=torch.float) * -emb)
+    emb = torch.arange(L + 1, dtype=torch.float).unsqueeze(1) * emb.unsqueeze(0)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    emb[0, :] = 0                                            # padding_idx = 0
+    first = x_in.transpose(0, 1)[:, :, 0]                    # make_positions' input (B, L)
+    positions = torch.where(first != 0, torch.arange(1, L + 1).expand(B, L), 0)
+    x = math.sqrt(H) * x_in + emb[positions].transpose(0, 1)
+    for layer in enc.layers:
+        residual = x
+        h = layer.attn_norm(x)
+        heads = layer.attn.num_heads
+        d = H // heads
+        q, k, v = F.linear(h, layer.attn.in_proj_weight, layer.attn.in_proj_bias).chunk(3, -1)
+        q = (q * d ** -0.5).contiguous().view(L, B * heads, d).transpose(0, 1)
+        k = k.contiguous().view(L, B * heads, d).transpose(0, 1)
+        v = v.contiguous().view(L, B * heads, d).transpose(0, 1)
+        w = F.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+        a = torch.bmm(w, v).transpose(0, 1).contiguous().view(L, B, H)
+        x = residual + layer.attn.out_proj(a)
+        residual = x
+        x = residual + layer.fc2(F.relu(layer.fc1(layer.ffn_norm(x))))
+    return enc.norm(x).transpose(0, 1)
+
+
+def test_token_encoder_is_the_official_a_encoder():
+    """mult_encoder (official): sqrt(H) scale, positions skipped where the first conv
+    channel is exactly 0, pre-norm layers with a 4H FFN, final LayerNorm; MulT's xavier init
+    of out_proj and the FFN (multihead_attention:42-51, transformer.py:190-195)."""
+    g = torch.Generator().manual_seed(0)
+    H = 80
+    ds = make_data({"a": (7, 6), "b": (7, 3)}, padded=("a",), task="regression")
+    model = build(ds, hidden=H, heads=5, layers=2, conv_kernel=3, official=True).eval()
+    enc = model.encoders["a"]
+    assert enc.layers[0].fc1.out_features == 4 * H
+    bound = 1 / math.sqrt(H)                # nn.Linear's default init bound; xavier: sqrt(6/2H)
+    assert enc.layers[0].attn.out_proj.weight.abs().max() > 1.3 * bound
+    assert enc.layers[0].fc1.bias.eq(0).all()
+    ours = build(ds, hidden=H, heads=5, layers=2, conv_kernel=3).encoders["a"]
+    assert not ours.mult and ours.layers[0].fc1.out_features == 2 * H   # ours: mult_encoder False
+    x = torch.randn(3, 7, 6, generator=g)
+    x[0, 3:] = 0      # zero steps: step 3 still sees step 2 through the kernel, 4.. are 0
+    with torch.no_grad():
+        got = enc(x, None)
+        want = _official_token_encoder(enc, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and inside the model (official: no padding mask, every step a step)
+    b = ds.batch(torch.arange(3), torch.ones(3, 2, dtype=torch.bool))
+    with torch.no_grad():
+        out = model(b.inputs, b.present, padding=b.padding)
+        zeroed = b.inputs["a"].masked_fill(b.padding["a"][..., None], 0)
+        want = _official_token_encoder(enc, zeroed)
+    torch.testing.assert_close(out.extras["tokens"]["a"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_only_modality_is_the_official_text_path():
+    """L_Encoder (model.py:65-69): proj_l(outputs) is the token sequence; pooled = mean act."""
+    ds = data("seq3_unequal")
+    model = build(ds, conv_only=["text"], conv_kernel=3, pool_activation="tanh",
+                  official=True).eval()
+    enc = model.encoders["text"]
+    assert len(enc.layers) == 0 and enc.norm is None
+    assert set(n for n, _ in enc.named_parameters()) == {"conv.weight"}
+    assert build(ds, conv_only=["text", "no_such_modality"]).conv_only == ("text",)
+    b = batch(ds)
+    out = model(b.inputs, b.present, padding=b.padding)
+    x = b.inputs["text"].masked_fill(b.padding["text"][..., None], 0)
+    c = F.conv1d(x.transpose(1, 2), enc.conv.weight, padding=1).transpose(1, 2)
+    c = torch.where(b.present[:, 0, None, None], c, 0.0)
+    torch.testing.assert_close(out.extras["tokens"]["text"], c)
+    torch.testing.assert_close(out.extras["ungated"]["text"], torch.tanh(c).mean(1))
+
+
+def test_official_padding_is_processed_as_zero_steps():
+    """utils/data_preparation.py:38-51 zero-pads to max_seq_length and nothing downstream
+    masks it (attn_mask False, model.py:89; AdaptiveAvgPool1d over all steps, model.py:97, 200;
+    penalty.mean() over all, model.py:153). mask_padding False (official): the model on padded
+    data equals the model on the zero-filled inputs without any padding mask."""
+    ds = data("seq3_unequal")
+    model = build(ds, official=True).train()
+    assert not model.mask_padding
+    b = batch(ds)
+    noise = uniform_noise(b)
+    o1 = run(model, b, gate_noise=noise)
+    zeroed = {m: x.masked_fill(b.padding[m][..., None], 0) for m, x in b.inputs.items()}
+    torch.manual_seed(0)
+    o2 = model(zeroed, b.present, labels=b.labels, padding=None, gate_noise=noise)
+    assert torch.equal(o1.output, o2.output)
+    assert all(torch.equal(o1.losses[k], o2.losses[k]) for k in o1.losses)
+    pad_gates = torch.cat([o1.extras["gates"][m][b.present[:, i, None] & b.padding[m]]
+                           for i, m in enumerate(ds.modalities)])
+    assert pad_gates.numel() and pad_gates.any()           # padded steps are gated, not 0
+    ours = build(ds).train()                               # ours: padded steps are excluded
+    o3 = run(ours, b, gate_noise=noise)
+    assert all(not o3.extras["gates"][m][b.padding[m]].any() for m in ds.modalities)
+
+
+def test_official_inter_loss_is_the_train_scripts_loss_kd():
+    """The official inter term for modalities l, a, v written out as train.py:45-50 (loss_kd),
+    129-132 and utils/loss.py:41-54 (Adjuster's commented body) compute it: lambda_m = L_m^g /
+    total, alpha_l = 3 (1 + lambda_a)(1 + lambda_v) / denominator (and cyclically), the teacher
+    the modality whose gated loss is below both others', loss_kd(teacher.detach(), s1, s2,
+    alpha_teacher) = 0.5 (10 alpha_teacher)^2 (KL(s1) + KL(s2)) with KLDivLoss(batchmean).
+    Our default ("student", sum_s alpha_s KL_s) on the same forward is >= 50x weaker here: for
+    M = 3, (10 a_t)^2 mean_s KL / sum_s a_s KL_s >= 50 a_t >= 50 (a_t the largest alpha >= 1)."""
+    ds = make_data({"l": (1, 6), "a": (1, 4), "v": (1, 5)}, task="regression", n=16)
+    model = build(ds, official=True).eval()   # no dropout; the official gates still sample
+    b = ds.batch(torch.arange(16), torch.ones(16, 3, dtype=torch.bool))
+    noise = uniform_noise(b)
+    out = model(b.inputs, b.present, labels=b.labels, gate_noise=noise)
+    masked_l, masked_a, masked_v = (out.extras["purified"][m] for m in "lav")
+    loss_fct = torch.nn.L1Loss()                                   # utils/loss.py:16
+    label_ids = b.labels
+    loss_l_masked = loss_fct(model.heads["l"](masked_l).view(-1), label_ids.view(-1))
+    loss_a_masked = loss_fct(model.heads["a"](masked_a).view(-1), label_ids.view(-1))
+    loss_v_masked = loss_fct(model.heads["v"](masked_v).view(-1), label_ids.view(-1))
+    total_loss = loss_a_masked.item() + loss_v_masked.item() + loss_l_masked.item()
+    lambda_a = loss_a_masked.item() / total_loss
+    lambda_l = loss_l_masked.item() / total_loss
+    lambda_v = loss_v_masked.item() / total_loss
+    denominator = (1 + lambda_a) * (1 + lambda_l) + (1 + lambda_v) * (1 + lambda_l) + \
+        (1 + lambda_a) * (1 + lambda_v)
+    alpha_l = 3 * ((1 + lambda_a) * (1 + lambda_v)) / denominator
+    alpha_a = 3 * ((1 + lambda_l) * (1 + lambda_v)) / denominator
+    alpha_v = 3 * ((1 + lambda_l) * (1 + lambda_a)) / denominator
+
+    def loss_kd(teacher, student1, student2, alpha_l):
+        soft_loss = torch.nn.KLDivLoss(reduction="batchmean")
+        temp = 10
+        temp = temp * alpha_l
+        KD_loss = (soft_loss(F.log_softmax(student1, dim=1), F.softmax(teacher, dim=1))
+                   + soft_loss(F.log_softmax(student2, dim=1), F.softmax(teacher, dim=1))) \
+            * temp * temp
+        return KD_loss * 0.5
+
+    loss_l_inter = loss_kd(masked_l.detach(), masked_a, masked_v, alpha_l) * \
+        (loss_l_masked < loss_a_masked) * (loss_l_masked < loss_v_masked)
+    loss_a_inter = loss_kd(masked_a.detach(), masked_l, masked_v, alpha_a) * \
+        (loss_a_masked < loss_l_masked) * (loss_a_masked < loss_v_masked)
+    loss_v_inter = loss_kd(masked_v.detach(), masked_l, masked_a, alpha_v) * \
+        (loss_v_masked < loss_l_masked) * (loss_v_masked < loss_a_masked)
+    loss_inter = torch.mean(loss_l_inter + loss_a_inter + loss_v_inter) * 1   # self.weight = 1
+    assert loss_inter > 0
+    torch.testing.assert_close(out.losses["inter"], loss_inter)
+    torch.testing.assert_close(out.extras["alpha"],
+                               torch.tensor([alpha_l, alpha_a, alpha_v], dtype=torch.float32))
+    vs = [masked_l, masked_a, masked_v]
+    got = torch.autograd.grad(out.losses["inter"], vs, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(loss_inter, vs, retain_graph=True, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w)
+    ours = build(ds, official=True, inter_weighting="student").eval()
+    weaker = ours(b.inputs, b.present, labels=b.labels, gate_noise=noise).losses["inter"]
+    assert out.losses["inter"] / weaker >= 50 * (1 - 1e-5)
+
+
+def test_official_main_losses_reach_the_gates_and_through_them_the_encoders():
+    """train.py:145-150: optimizer_model (every parameter) steps on loss_unmasked + loss_inter
+    + loss_intra + loss_cls, computed from masked_* = act(x * gate) with the straight-through
+    hard-concrete gate of a UPN whose input x is the encoder output, not detached
+    (model.py:192-200). So the main losses' gradient reaches (a) the UPN's parameters and (b)
+    the encoders also through the UPN's input. Ours by default: neither."""
+    ds = data("seq3_unequal")
+    b = batch(ds)
+    for official in (True, False):
+        model = build(ds, official=official).train()
+        out = run(model, b)
+        g = torch.autograd.grad(main_loss(out.losses), list(model.upn.parameters()),
+                                allow_unused=True)
+        reached = sum(x.abs().sum() for x in g if x is not None)
+        assert (reached > 0) == official, official
+    model = build(ds, official=True).train()
+    enc = list(model.encoders.parameters())
+
+    def encoder_grads(cut_upn_input):
+        hooks = [u.register_forward_pre_hook(lambda mod, args: (args[0].detach(), args[1]))
+                 for u in model.upn.values()] if cut_upn_input else []
+        try:
+            out = run(model, b)
+            return torch.autograd.grad(main_loss(out.losses), enc, allow_unused=True)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    live, cut = encoder_grads(False), encoder_grads(True)
+    assert sum((x - y).abs().sum() for x, y in zip(live, cut) if x is not None) > 0
 
 
 # ---------------------------------------------------------------- CLI smoke trains

@@ -1,24 +1,30 @@
 """MIM: multimodal information modulation (unimodal purification + knowledge guidance).
 
 Zeng, Mai, Yan, Hu, "Multimodal Reaction: Information Modulation for Cross-Modal
-Representation Learning", IEEE Transactions on Multimedia 2023. The behaviour reproduced is the
-official code's (issue #7: its train script, modules/model_github.py and utils/loss.py),
-generalised to any number M >= 1 of modalities of any lengths (vector views: L = 1):
+Representation Learning", IEEE Transactions on Multimedia 2023. Reproduced from the official
+code, github.com/zengy268/MIM (train.py, modules/model.py, modules/transformer.py, utils/loss.py,
+README.md; file:line citations below and in docs/_fidelity_mim.md), generalised to any number
+M >= 1 of modalities of any lengths (vector views: L = 1):
 
-    t_m   = LN(Blocks(Conv1d_k(zero_absent(x_m)) + P))     (B, L_m, H)  k = conv_kernel, no bias
-            (padded tokens zeroed; Blocks: `layers` pre-norm self-attention + FFN layers on the
-            fused masked_cross_attention op, encoders._Block; P: sinusoidal positions)
+  encoder, per modality (on the fused masked_cross_attention op):
+    c_m   = Conv1d_k(zero_absent(x_m))                     (B, L_m, H)  k = conv_kernel, no bias
+    t_m   = LN(Blocks(drop_e(sqrt(H) c_m + P 1[c_m,0 != 0])))   mult_encoder (official: the
+            A_Encoder / V_Encoder, MulT's TransformerEncoder; Blocks: `layers` pre-norm
+            self-attention + FFN H -> 4H -> H layers, MulT's xavier init; P: sinusoidal
+            positions 1..L, none for a step whose first conv channel is exactly 0)
+          | LN(Blocks(drop_e(c_m + P)))                    ours: FFN H -> 2H -> H, default init
+    conv_only modalities (the official text path after BERT): t_m = c_m
   UPN (Unimodal Purification Network), per modality, over the time axis of the fixed L_m:
-    c_t   = relu(W_2 relu(W_1 BiLSTM(t_m)_t + b_1) + b_2)  (B, L_m)  score >= 0 (ReLU, official)
+    c_t   = relu(W_2 relu(W_1 BiLSTM(t_m)_t + b_1) + b_2)  (B, L_m)  score >= 0
     a     = V_2 relu(V_1 c + d_1) + d_2 + gate_bias        (B, L_m)  bottleneck L_m -> r -> L_m
-    s     = sigmoid((log u - log(1 - u) + a) / T)          u ~ U(1e-6, 1 - 1e-6)  (training)
-            sigmoid(a)                                       (inference, unless stochastic_test)
+    s     = sigmoid((log u - log(1 - u) + a) / T)          u ~ U(1e-6, 1 - 1e-6)  (training,
+            and at test when stochastic_test) | sigmoid(a) (inference otherwise)
     sb    = clamp(s (zeta - gamma) + gamma, 0, 1)
     g_t   = 1[sb > threshold] + sb - sb.detach()           straight-through hard gate
-    l0_m  = mean over valid steps of sigmoid(a - T log(-gamma / zeta))   (P[gate not 0])
+    l0_m  = mean over valid steps of sigmoid(a - T log(-gamma / zeta))
     v_m   = mean_valid act(g * t_m),  w_m = mean_valid act(t_m)   purified / ungated vectors
-            (act: pool_activation, identity by default; mean over the valid steps, i.e. closed
-            gates count in the denominator as the official AdaptiveAvgPool1d does)
+            (act: pool_activation; the mean divides by every valid step, closed gates included,
+            as the official AdaptiveAvgPool1d)
   fusion (over the available modalities: present with >= 1 valid step):
     product:  h = tanh(W_f prod_m v_m),  an unavailable m contributes 1 (torch.where)
     add:      h = sum_m v_m,             an unavailable m contributes 0
@@ -32,70 +38,105 @@ generalised to any number M >= 1 of modalities of any lengths (vector views: L =
             (over the S modalities available somewhere in the batch; losses detached)
     teacher t = argmin_m L_m^g;  KL_m = KL(softmax(v_t).detach() || softmax(v_m)), batch mean
             over the samples where t and m are both available
-    inter = sum_{m != t} alpha_m KL_m                      (inter_weighting "student")
-          | (10 alpha_t)^2 mean_{m != t} KL_m              (inter_weighting "teacher": official)
+    inter = (10 alpha_t)^2 mean_{m != t} KL_m              (inter_weighting "teacher": official)
+          | sum_{m != t} alpha_m KL_m                      (inter_weighting "student": ours)
 
 losses (each already weighted; `out.loss` is their sum):
     main optimizer:  "task" (fusion), "uni_<m>" (unimodal_weight L_m^u),
                      "intra" (intra_weight sum_m intra_m), "inter" (inter_weight inter)
     gate optimizer:  "gate_l0" (l0_weight sum_m l0_m), "gate_uni_<m>" (unimodal_weight L_m^g)
 The gate terms are the keys starting with GATE_PREFIX ("gate_"); `gate_loss`/`main_loss` sum
-each group. The graph is built so that ONE backward of `out.loss` gives every parameter exactly
-its own group's gradient (MIMRecipe then steps both AdamWs; nothing is stale):
-  - the gate terms are computed on a copy of the path whose encoder tokens (the UPN's input
-    and the gated tokens) and unimodal head weights are detached: they reach only the UPN;
-  - the main terms see the gates as constants (g.detach()): they reach every parameter but
-    the UPN's. The gates' optimizer therefore trains on l0_weight L0 + the gated unimodal
-    losses alone (the issue's wording); the main losses never flow through the
-    straight-through estimator. gates_from_main=True (official) lets them: the main terms
-    then use the live gates and their gradient reaches the UPN too (added to the gate terms'
-    gradient; the UPN still steps only with the gate optimizer).
+each group. The gate terms are computed on a copy of the path whose gated tokens and unimodal
+head weights are detached, so their gradient reaches the UPN (and, with gates_from_main, the
+encoders through the UPN's input, a gradient MIMRecipe discards as the official code does).
 
-The official code, and where this deviates (found in the public repository; no released
-global_configs.py, so its width d_l, activation `activate`, lr, epochs and batch size are
-unknown -- our presets are ours):
-  - Its settings: Conv1d kernel 3 (no bias), MulT TransformerEncoder (3 layers, 5 heads, attn
-    dropout 0.5, relu/res dropout 0.3, embed dropout 0.2), BiLSTM(d, d/2 per direction), score
-    MLP Linear(d, d/2)-ReLU-Linear(d/2, 1)-ReLU, bottleneck L -> L // 5 -> L (gate_bottleneck
-    None = max(1, L // 5)), HardConcrete(beta=1/3, gamma=-0.2, zeta=1.0, loc_bias=3), threshold
-    0.6 with the straight-through estimator, L0 weight 0.1, every other KGS weight 1, L1 loss,
-    unimodal heads Linear(d, 1) shared by the gated and ungated views, fusion "multiplication"
-    tanh(Linear(l * a * v)) then Linear(d, 1). Intra/inter losses summed over modalities.
-  - Its text encoder is a fine-tuned BERT; ours takes pre-extracted features (every modality
-    gets the same Conv1d + transformer encoder).
-  - Optimizers: the official code has Adam on the UPN (penalty + gated losses) and Adam on
-    every parameter (ungated + inter + intra + fusion losses), the UPN one stepped before the
-    second backward (a stale-graph error on current PyTorch). Here: one backward, then both
-    steps, AdamW (weight_decay 0 = its Adam); the encoders do not get the gated losses'
-    gradient (the official second zero_grad discards it too). The UPN's input tokens are
-    always detached here, so no loss reaches the encoders through the gates (officially the
-    main losses do, through the straight-through gates and the LSTM).
-  - Quirks, each an option defaulting to None = "as `official` says" (official=False: ours):
-      stochastic_test   official True: HardConcrete samples u at test time too (no eval branch);
-                        ours: deterministic gates sigmoid(a) at inference.
-      inter_weighting   official "teacher": loss_kd's temperature 10 alpha_teacher enters only
-                        as the factor temp^2 on the mean of the students' KLs; ours "student":
-                        sum_{m != t} alpha_m KL_m (each student weighted by its own alpha).
-      gates_from_main   official True (the main optimizer covers the UPN): see above.
-  - Its utils/loss.py is unfinished (Loss_inter / Loss_penalty are missing, Adjuster is
-    commented out); the intra/inter formulas above follow its train script and comments.
-  - Missing modalities (not in the official code): inputs zeroed with torch.where, gates of
-    absent samples and padded steps forced to 0 and excluded from every mean; a modality present
-    with no valid step counts as unavailable. The LSTM runs over the whole fixed-length sequence
-    with padded steps zeroed (the official data are zero-padded to a fixed length too); padded
-    steps' scores are set to 0 before the bottleneck.
+gates_from_main=False (ours): the UPN reads detached tokens and the main terms see the gates as
+    constants (g.detach()), so ONE backward of `out.loss` gives each group exactly its own
+    gradient; the main AdamW covers every parameter but the UPN's, the gate AdamW the UPN's.
+gates_from_main=True (official, train.py:62-68, 140-150): the main terms use the live gates, so
+    their gradient reaches the UPN through the straight-through estimator and the encoders also
+    through the UPN's BiLSTM input (model.py:192-199: x is not detached); the main Adam covers
+    EVERY parameter (train.py:62: model.parameters(), the UPN included) and the gate Adam the
+    UPN's (train.py:66-68): each step, the UPN moves by both Adams, each with its own moments and
+    its own loss group's gradient. MIMRecipe takes the gate group's gradient w.r.t. the UPN with
+    autograd.grad and the main group's with backward, both from the same forward.
+
+Official settings (README.md:37-49 and the code) and where this implementation departs (the full
+table with file:line is docs/_fidelity_mim.md):
+  - README.md:37-49 publishes global_configs.DefaultConfigs (the committed global_configs.py is
+    blank): max_seq_length 50, lr 1e-5, d_l 80, n_epochs 100, train_batch_size 16, dev/test
+    batch 128, bert-base-uncased, MOSI dims 768/74/47, MOSEI's visual 35 (README.md:51-54: only
+    the dims change). The registry's `mosi` / `mosei` presets carry these numbers. Two names the
+    code reads are in neither: `activate` (model.py:37, 81, 111, 176; commented alternatives
+    nn.ReLU / nn.Tanh at model.py:79-80, 109-110, 174-175), so pool_activation's official value
+    is not published, and `seed` (train.py:308; utils/utils.py:16 overrides it with 3407).
+  - Code settings: Conv1d kernel 3 without bias (model.py:76, 106), MulT encoder of 3 layers,
+    5 heads, attention dropout 0.5, relu = residual dropout 0.3 (one `dropout` here), embedding
+    dropout 0.2 (model.py:82-89), BiLSTM(d, d/2 per direction) (model.py:171), score MLP
+    Linear(d, d/2)-ReLU-Linear(d/2, 1)-ReLU (model.py:179-184), bottleneck L -> L // 5 -> L
+    (model.py:173, 186-190), HardConcrete(beta 1/3, gamma -0.2, zeta 1.0, loc_bias 3)
+    (model.py:134) with threshold 0.6 and the straight-through estimator (model.py:157-159), L0
+    weight 0.1 (train.py:98, 102), every KGS weight 1 (train.py:75, 119-132), L1 loss
+    (utils/loss.py:13-20), unimodal heads Linear(d, 1) shared by the gated and ungated views
+    (model.py:106-111), fusion "multiplication" tanh(Linear(l * a * v)) then Linear(d, 1)
+    (model.py:227, 234, 239), two Adams at one lr (train.py:62-68).
+  - Its utils/loss.py is unfinished (Loss_inter and Loss_penalty, imported at train.py:5, are
+    not defined; Loss_intra does not parse; Adjuster's body is commented out), so the published
+    code does not run; the intra/inter formulas follow train.py:45-50, 123-132 and the
+    commented code at utils/loss.py:30-31, 41-55. The teacher there is the modality whose
+    gated loss is strictly below every other's (a tie: no inter loss); ours takes argmin.
+  - Its text encoder is a fine-tuned BERT then the Conv1d only (model.py:32-69); here every
+    modality is pre-extracted features, and conv_only lists the modalities that get the Conv1d
+    alone (the presets: "text").
+  - Its data are zero-padded to 50 steps (utils/data_preparation.py:38-51) and nothing is
+    masked: padded steps are attended, gated and counted in every mean. mask_padding=False
+    (official) does the same (padded values are zeroed first, so their content stays inert);
+    True (ours) excludes padded steps from attention, gates, L0 and means.
+  - The official step runs the UPN's backward, steps it, then runs the main backward on the
+    retained graph (train.py:140-150); on its torch 1.4 (requirements.txt), whose Adam updates
+    p.data, that backward presumably uses partly post-step UPN weights (not run; torch >= 1.5
+    raises an in-place-modification error there). Here both groups'
+    gradients come from the same pre-step parameters. Its third Adam (optimizer_encoder,
+    train.py:63-65) is never stepped and has no counterpart here.
+  - Departures by default, each an option whose None means "as `official` says"
+    (official=False: ours), measured on Handwritten in
+    benches/results/mim-departures-handwritten-2026-12-02.md:
+      stochastic_test   official True (HardConcrete has no eval branch, model.py:144-161);
+                        ours False: deterministic gates sigmoid(a) at inference, so a
+                        prediction does not depend on a noise draw (with product fusion one
+                        closed draw zeroes the product; Handwritten: -16.6 points complete).
+      inter_weighting   official "teacher" (train.py:45-50: temp = 10 alpha_teacher enters only
+                        as temp^2 on the mean of the students' KLs); ours "student": each
+                        student's KL weighted by its own alpha: >= 50x weaker for M = 3
+                        (100 / (M - 1) at alpha ~ 1); Handwritten: +1.4 / +2.0 points.
+      gates_from_main   official True (see above); ours False: the UPN is trained by its own
+                        losses alone, with one backward that also runs under DDP (the
+                        official two-gradient step is single-process); Handwritten: +0.3
+                        complete, -0.3 subsets, within the seeds' spread.
+      mask_padding      official False (see above); ours True: a sample's output does not
+                        depend on how much padding it has (Handwritten has none: no effect;
+                        not measured on padded data).
+      mult_encoder      official True (MulT's encoder, model.py:82-89, transformer.py:23-90);
+                        ours False: no sqrt(H) input scale, FFN 2H, PyTorch init -- the encoder
+                        our Handwritten numbers were tuned with (MulT's: -0.6 complete,
+                        -1.5 subsets there at our 20 epochs).
+  - Missing modalities (not in the official code, which always has all three): inputs zeroed
+    with torch.where, gates of absent samples forced to 0 and excluded from every mean, fusion
+    and KGS over the available modalities only; a modality present with no valid step counts
+    as unavailable.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.cross_modal_transformer import _Block as _MulTBlock
 from ..nn.cross_modal_transformer import sinusoid_positions
-from ..train.recipe import Recipe
+from ..train.recipe import Recipe, check_finite
 from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
 from .encoders import _Block, _zero_padding
 from .late_fusion import masked_task_loss
@@ -107,17 +148,20 @@ FUSIONS = ("product", "add", "concat")
 INTER_WEIGHTINGS = ("student", "teacher")
 POOL_ACTIVATIONS = ("none", "tanh", "relu")
 GATE_PREFIX = "gate_"
-OFFICIAL_QUIRKS = {"stochastic_test": True, "inter_weighting": "teacher", "gates_from_main": True}
-OUR_QUIRKS = {"stochastic_test": False, "inter_weighting": "student", "gates_from_main": False}
-OFFICIAL_KD_TEMPERATURE = 10.0     # train script's loss_kd: temp = 10 * alpha_teacher
-NOISE_EPS = 1e-6                   # u ~ U(1e-6, 1 - 1e-6), the official HardConcrete's range
+OFFICIAL_QUIRKS = {"stochastic_test": True, "inter_weighting": "teacher", "gates_from_main": True,
+                   "mask_padding": False, "mult_encoder": True}
+OUR_QUIRKS = {"stochastic_test": False, "inter_weighting": "student", "gates_from_main": False,
+              "mask_padding": True, "mult_encoder": False}
+OFFICIAL_KD_TEMPERATURE = 10.0     # train.py:47-48 loss_kd: temp = 10 * alpha_teacher
+NOISE_EPS = 1e-6                   # u ~ U(1e-6, 1 - 1e-6), model.py:147
+FFN_MULT = 4                       # MulT's FFN width 4 d (transformer.py:129-130)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def hard_concrete(logits: Tensor, valid: Tensor, *, sample: bool, u: Optional[Tensor] = None,
                   temperature: float = 1 / 3, gamma: float = -0.2, zeta: float = 1.0,
                   threshold: float = 0.6) -> tuple[Tensor, Tensor]:
-    """Hard-concrete gates with a straight-through threshold (see the module docstring).
+    """Hard-concrete gates with a straight-through threshold (model.py:144-161).
 
     logits (B, L) (the gate bias included); valid (B, L) bool; sample: draw the noise (training,
     or stochastic_test) else s = sigmoid(logits); u (B, L) in (0, 1): the uniform noise (None:
@@ -144,9 +188,10 @@ def hard_concrete(logits: Tensor, valid: Tensor, *, sample: bool, u: Optional[Te
 
 
 def kgs_alpha(losses: Tensor, active: Tensor) -> Tensor:
-    """(M,) inter-modal weights: lam_m = L_m / sum_active L, alpha_m proportional to
-    prod_{k != m, active}(1 + lam_k) (= prod_active(1 + lam) / (1 + lam_m)), normalised to sum to
-    the number S of active modalities; 0 for an inactive one. losses (M,) (detach them first)."""
+    """(M,) inter-modal weights (utils/loss.py:41-50, commented there): lam_m = L_m / sum_active
+    L, alpha_m proportional to prod_{k != m, active}(1 + lam_k) (= prod_active(1 + lam) /
+    (1 + lam_m)), normalised to sum to the number S of active modalities; 0 for an inactive
+    one. losses (M,) (detach them first)."""
     zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
     L = torch.where(active, losses, zero)
     lam = L / L.sum().clamp_min(torch.finfo(L.dtype).tiny)
@@ -156,33 +201,60 @@ def kgs_alpha(losses: Tensor, active: Tensor) -> Tensor:
 
 class TokenEncoder(nn.Module):
     """Conv1d (kernel k, 'same' padding, no bias) + sinusoidal positions + pre-norm
-    self-attention layers + LayerNorm: (B, L, D) [+ padding (B, L)] -> tokens (B, L, H), padded
-    tokens 0. The input must already be NaN-free (zero_absent)."""
+    self-attention layers + final LayerNorm: (B, L, D) [+ padding (B, L) for the attention's
+    keys] -> tokens (B, L, H), padded tokens 0. The input must be NaN-free (zero_absent).
+
+    mult=True: the official A_Encoder / V_Encoder (model.py:72-129), MulT's TransformerEncoder
+        (transformer.py:23-90): t = drop_e(sqrt(H) c + P 1[c_0 != 0]), layers with an FFN
+        H -> 4H -> H and relu = residual dropout `dropout`, MulT's xavier init of the FFN and
+        out_proj (transformer.py:190-195, multihead_attention:42-51). fairseq's make_positions
+        (position_embedding:22-27) gives a step whose first channel is exactly 0 the padding
+        position, whose embedding is 0 (position_embedding:59).
+    mult=False (ours): t = drop_e(c + P), FFN H -> 2H -> H, PyTorch's default init.
+    conv_only: the Conv1d alone (the official text path after BERT, model.py:65-69)."""
 
     def __init__(self, dim: int, hidden: int, layers: int, heads: int, kernel: int,
-                 dropout: float, attn_dropout: float, embed_dropout: float):
+                 dropout: float, attn_dropout: float, embed_dropout: float,
+                 conv_only: bool = False, mult: bool = False):
         super().__init__()
         self.conv = nn.Conv1d(dim, hidden, kernel, padding=kernel // 2, bias=False)
-        self.layers = nn.ModuleList(_Block(hidden, heads, dropout, attn_dropout)
-                                    for _ in range(layers))
-        self.norm = nn.LayerNorm(hidden)
+        self.conv_only, self.mult = conv_only, mult
+        n = 0 if conv_only else layers
+        if mult:
+            self.layers = nn.ModuleList(_MulTBlock(hidden, heads, FFN_MULT * hidden, attn_dropout,
+                                                   dropout, dropout) for _ in range(n))
+            for layer in self.layers:
+                nn.init.xavier_uniform_(layer.attn.out_proj.weight)
+        else:
+            self.layers = nn.ModuleList(_Block(hidden, heads, dropout, attn_dropout)
+                                        for _ in range(n))
+        self.norm = None if conv_only else nn.LayerNorm(hidden)
         self.embed_dropout = embed_dropout
 
     def forward(self, x: Tensor, padding: Optional[Tensor]) -> Tensor:
         if self.conv.kernel_size[0] == 1:  # a pointwise conv: the same map, as a matmul
-            t = F.linear(x, self.conv.weight.squeeze(-1))                  # (B, L, H)
+            c = F.linear(x, self.conv.weight.squeeze(-1))                  # (B, L, H)
         else:
-            t = self.conv(x.transpose(1, 2)).transpose(1, 2)               # (B, L, H)
-        t = t + sinusoid_positions([t.shape[1]], t.shape[-1], t.device).to(t.dtype)
+            c = self.conv(x.transpose(1, 2)).transpose(1, 2)               # (B, L, H)
+        if self.conv_only:
+            return _zero_padding(c, padding)
+        if self.mult:
+            acc = torch.float64 if c.dtype == torch.float64 else torch.float32
+            pos = sinusoid_positions([c.shape[1]], c.shape[-1], c.device, acc).to(c.dtype)
+            zero = torch.zeros((), dtype=c.dtype, device=c.device)
+            t = math.sqrt(c.shape[-1]) * c + torch.where(c[..., :1] != 0, pos, zero)
+        else:
+            t = c + sinusoid_positions([c.shape[1]], c.shape[-1], c.device).to(c.dtype)
         t = F.dropout(t, self.embed_dropout, self.training)
         for layer in self.layers:
-            t = layer(t, padding)
+            t = layer(t, None, key_padding_mask=padding) if self.mult else layer(t, padding)
         return _zero_padding(self.norm(t), padding)
 
 
 class UPN(nn.Module):
-    """The gate logits (without the bias) of one modality: BiLSTM -> score MLP (ReLU, >= 0) per
-    step -> bottleneck over the time axis (L -> r -> L). tokens (B, L, H), valid (B, L)."""
+    """The gate logits (without the bias) of one modality (model.py:167-199): BiLSTM -> score
+    MLP (ReLU, >= 0) per step -> bottleneck over the time axis (L -> r -> L). tokens (B, L, H),
+    valid (B, L)."""
 
     def __init__(self, hidden: int, seq_len: int, bottleneck: int):
         super().__init__()
@@ -213,22 +285,30 @@ def _int(name: str, value, low: int) -> int:
 class MIM(MultimodalModel):
     """MIM for M >= 1 modalities of shapes {name: (L_m, D_m)} (see the module docstring).
 
-    Args:
+    Args (official values: the README's MOSI configuration and the code, file:line in
+    docs/_fidelity_mim.md; the registry's `mosi` preset has them):
         modalities, task, num_classes: as MultimodalModel.
-        hidden: token width H. layers, heads: transformer layers per modality (0: none) and
-            heads (H must be a multiple). conv_kernel: odd Conv1d kernel size (official 3).
-        dropout: residual/FFN dropout of the layers; attn_dropout; embed_dropout: after the
-            positions.
+        hidden: token width H (official d_l 80, README.md:39). layers, heads: transformer
+            layers per modality (0: none) and heads, H a multiple (official 3, 5).
+            conv_kernel: odd Conv1d kernel size (official 3).
+        dropout: relu and residual dropout of the layers (official 0.3 both); attn_dropout
+            (official 0.5); embed_dropout: after the scaled tokens + positions (official 0.2).
+        conv_only: modality names whose encoder is the Conv1d alone (official: the text,
+            after its BERT; default none). Names the data lack are ignored, so the `mosi`
+            preset's ["text"] builds on any dataset.
         gate_bottleneck: r of the UPN's time bottleneck (None: max(1, L_m // 5), official).
         gate_bias (3.0), temperature (1/3), gamma (-0.2), zeta (1.0), threshold (0.6): the
-            hard-concrete gate.
-        fusion: "product" (official), "add" or "concat". out_dropout: before the output layer.
-        pool_activation: "none" (default), "tanh" or "relu" before the time means (the
-            official code applies a configurable `activate` whose value is not public).
+            hard-concrete gate (official values).
+        fusion: "product" (official), "add" or "concat". out_dropout: before the output layer
+            (official none: 0).
+        pool_activation: "none" (default), "tanh" or "relu" before the time means; the
+            official code applies `config.activate`, whose value is published nowhere (README's
+            configuration omits it; the code's comments name nn.ReLU and nn.Tanh).
         unimodal_weight, intra_weight, inter_weight, l0_weight: loss weights (official 1, 1,
             1, 0.1).
-        stochastic_test, inter_weighting, gates_from_main, official: the official quirks (None
-            = as `official` says).
+        stochastic_test, inter_weighting, gates_from_main, mask_padding, mult_encoder: the
+            departures of our defaults (module docstring); None = as `official` says.
+        official: the value the five None options take (True: the official code's).
         regression_loss: "l1" (official) or "mse".
 
     forward(inputs, present, labels=None, padding=None, stage=None, gate_noise=None): stage None
@@ -243,13 +323,15 @@ class MIM(MultimodalModel):
     def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0, *,
                  hidden: int = 64, layers: int = 2, heads: int = 4, conv_kernel: int = 1,
                  dropout: float = 0.1, attn_dropout: float = 0.0, embed_dropout: float = 0.0,
-                 gate_bottleneck: Optional[int] = None, gate_bias: float = 3.0,
-                 temperature: float = 1 / 3, gamma: float = -0.2, zeta: float = 1.0,
-                 threshold: float = 0.6, fusion: str = "product", out_dropout: float = 0.0,
-                 pool_activation: str = "none", unimodal_weight: float = 1.0,
-                 intra_weight: float = 1.0, inter_weight: float = 1.0, l0_weight: float = 0.1,
+                 conv_only: Sequence[str] = (), gate_bottleneck: Optional[int] = None,
+                 gate_bias: float = 3.0, temperature: float = 1 / 3, gamma: float = -0.2,
+                 zeta: float = 1.0, threshold: float = 0.6, fusion: str = "product",
+                 out_dropout: float = 0.0, pool_activation: str = "none",
+                 unimodal_weight: float = 1.0, intra_weight: float = 1.0,
+                 inter_weight: float = 1.0, l0_weight: float = 0.1,
                  stochastic_test: Optional[bool] = None, inter_weighting: Optional[str] = None,
-                 gates_from_main: Optional[bool] = None, official: bool = False,
+                 gates_from_main: Optional[bool] = None, mask_padding: Optional[bool] = None,
+                 mult_encoder: Optional[bool] = None, official: bool = False,
                  regression_loss: str = "l1"):
         super().__init__(modalities, task, num_classes)
         _int("hidden", hidden, 1)
@@ -259,7 +341,9 @@ class MIM(MultimodalModel):
         if conv_kernel % 2 == 0:
             raise ValueError(f"conv_kernel must be odd (length-preserving padding), got "
                              f"{conv_kernel}")
-        if layers > 0 and hidden % heads:
+        if isinstance(conv_only, str) or not all(isinstance(m, str) for m in conv_only):
+            raise ValueError(f"conv_only must be a list of modality names, got {conv_only!r}")
+        if layers > 0 and hidden % heads and set(self.modalities) - set(conv_only):
             raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
         if gate_bottleneck is not None:
             _int("gate_bottleneck", gate_bottleneck, 1)
@@ -297,14 +381,17 @@ class MIM(MultimodalModel):
         self.stochastic_test = _resolve_quirk("stochastic_test", stochastic_test, official)
         self.inter_weighting = _resolve_quirk("inter_weighting", inter_weighting, official)
         self.gates_from_main = _resolve_quirk("gates_from_main", gates_from_main, official)
-        for name, v in (("stochastic_test", self.stochastic_test),
-                        ("gates_from_main", self.gates_from_main)):
-            if not isinstance(v, bool):
-                raise ValueError(f"{name} must be None, True or False, got {v!r}")
+        self.mask_padding = _resolve_quirk("mask_padding", mask_padding, official)
+        self.mult_encoder = _resolve_quirk("mult_encoder", mult_encoder, official)
+        for name in ("stochastic_test", "gates_from_main", "mask_padding", "mult_encoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be None, True or False, got "
+                                 f"{getattr(self, name)!r}")
         if self.inter_weighting not in INTER_WEIGHTINGS:
             raise ValueError(f"inter_weighting must be None or one of {INTER_WEIGHTINGS}, got "
                              f"{inter_weighting!r}")
         self.hidden, self.fusion, self.pool_activation = hidden, fusion, pool_activation
+        self.conv_only = tuple(m for m in self.modalities if m in set(conv_only))
         self.gate_bias, self.temperature = float(gate_bias), float(temperature)
         self.gamma, self.zeta, self.threshold = float(gamma), float(zeta), float(threshold)
         self.out_dropout = float(out_dropout)
@@ -314,7 +401,9 @@ class MIM(MultimodalModel):
 
         self.encoders = nn.ModuleDict({
             m: TokenEncoder(D, hidden, layers, heads, conv_kernel, dropout, attn_dropout,
-                            embed_dropout) for m, (_, D) in self.modalities.items()})
+                            embed_dropout, conv_only=m in self.conv_only,
+                            mult=self.mult_encoder)
+            for m, (_, D) in self.modalities.items()})
         self.upn = nn.ModuleDict({
             m: UPN(hidden, L, gate_bottleneck if gate_bottleneck is not None else max(1, L // 5))
             for m, (L, _) in self.modalities.items()})
@@ -334,7 +423,6 @@ class MIM(MultimodalModel):
 
     def gate_terms(self) -> tuple[str, ...]:
         return ("gate_l0",) + tuple(f"gate_uni_{m}" for m in self.names)
-
     # ------------------------------------------------------------------ pieces
 
     def _act(self, x: Tensor) -> Tensor:
@@ -395,6 +483,7 @@ class MIM(MultimodalModel):
             inter = scale * kl.sum() / student.sum().clamp(min=1).to(kl.dtype)
         return inter, alpha, teacher
 
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, inputs: dict[str, Tensor], present: Tensor, labels: Optional[Tensor] = None,
@@ -411,13 +500,16 @@ class MIM(MultimodalModel):
         gates, logits, l0s, pur, ung, gate_pur, keep, tokens = {}, {}, [], {}, {}, {}, [], {}
         for i, (m, x) in enumerate(inputs.items()):
             pad = padding.get(m)
+            masked = pad if self.mask_padding else None  # official: padded steps are steps
             valid = present[:, i, None].expand(x.shape[0], x.shape[1])
-            if pad is not None:
-                valid = valid & ~pad
-            t = self.encoders[m](zero_absent(x, present[:, i], pad), pad)    # (B, L, H)
+            if masked is not None:
+                valid = valid & ~masked
+            t = self.encoders[m](zero_absent(x, present[:, i], pad), masked)  # (B, L, H)
             t = torch.where(valid.unsqueeze(-1), t, torch.zeros((), dtype=t.dtype,
                                                                 device=t.device))
-            a = self.upn[m](t.detach(), valid) + self.gate_bias              # (B, L)
+            # official: the UPN reads the live tokens (model.py:192-199), so the main losses
+            # reach the encoders through it too; ours: detached
+            a = self.upn[m](t if self.gates_from_main else t.detach(), valid) + self.gate_bias
             g, l0 = hard_concrete(a, valid, sample=sample,
                                   u=None if gate_noise is None else gate_noise.get(m),
                                   temperature=self.temperature, gamma=self.gamma,
@@ -482,13 +574,22 @@ def main_loss(losses: dict[str, Tensor]) -> Tensor:
 
 
 class MIMRecipe(Recipe):
-    """MIM's two optimizers, one stage ("main").
+    """MIM's two optimizers, one stage ("main"); official: Adam at one lr for both
+    (train.py:62-68), no weight decay, no clipping, no schedule, 100 epochs of batch 16
+    (README.md:38-41).
 
     "gate": AdamW over the UPN parameters (model.gate_parameters()), lr gate_lr (None: lr);
-    "main": AdamW over every other parameter, lr. One forward, one backward of `out.loss` (the
-    model's graph routes each group's terms to its own parameters only: see models/mim.py),
-    gradient clipping per optimizer (grad_clip > 0), then both steps. Optional per-sample
-    modality dropout (modality_dropout > 0) so training sees missing modalities.
+    "main": AdamW over every other parameter, lr -- or, when the model's gates_from_main is
+    True (official), over EVERY parameter, the UPN included (train.py:62).
+    A step: one forward; then
+      gates_from_main False: one backward of `out.loss` (the model's graph routes each group's
+        terms to its own parameters only), per-optimizer clipping (grad_clip > 0), both steps;
+      gates_from_main True: the gate terms' gradient w.r.t. the UPN (autograd.grad; their
+        gradient elsewhere is discarded, as the official optimizer_model.zero_grad() does,
+        train.py:145), the main terms' gradient w.r.t. every parameter (backward), clipping
+        each, the main step, then the gate step with the gate gradient. Single-process only.
+    Optional per-sample modality dropout (modality_dropout > 0) so training sees missing
+    modalities (official: none, it has no missing modalities).
 
     Config keys: epochs, batch_size, lr, gate_lr, weight_decay, grad_clip, modality_dropout.
     """
@@ -508,15 +609,23 @@ class MIMRecipe(Recipe):
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
 
-    def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
+    @staticmethod
+    def _net(model: nn.Module) -> nn.Module:
         from ..train.distributed import unwrap
         net = unwrap(model)
         if not hasattr(net, "gate_parameters"):
             raise ValueError(f"MIMRecipe needs a model with gate_parameters() (MIM), got "
                              f"{type(net).__name__}")
+        return net
+
+    def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
+        net = self._net(model)
         gate = net.gate_parameters()
         ids = {id(p) for p in gate}
-        main = [p for p in net.parameters() if id(p) not in ids]
+        if getattr(net, "gates_from_main", False):
+            main = list(net.parameters())            # official: Adam(model.parameters())
+        else:
+            main = [p for p in net.parameters() if id(p) not in ids]
         return {"main": self._adamw(main, self.lr), "gate": self._adamw(gate, self.gate_lr)}
 
     def _adamw(self, params: list, lr: float) -> torch.optim.Optimizer:
@@ -532,13 +641,39 @@ class MIMRecipe(Recipe):
 
     def train_step(self, model: nn.Module, batch, optimizers: dict, *, epoch: int, step: int,
                    stage: str) -> dict[str, float]:
-        """Forward, loss check, one backward (both groups' gradients), per-optimizer clipping,
-        then both steps."""
+        """Forward, loss check, the gradients (see the class docstring), per-optimizer
+        clipping, then both steps."""
         if stage != "main":
             raise ValueError(f"MIM stage must be 'main', got {stage!r}")
         if set(optimizers) != {"main", "gate"}:
             raise ValueError(f"MIMRecipe.train_step needs the optimizers 'main' and 'gate', got "
                              f"{sorted(optimizers)}")
+        official = getattr(self._net(model), "gates_from_main", False)
+        if official and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("MIM with gates_from_main=True (the official two-Adam UPN update) "
+                             "runs in one process only; use gates_from_main=False under DDP")
         out = model(batch.inputs, batch.present, labels=batch.labels, padding=batch.padding,
                     stage=stage)
-        return self.optimize(model, out, optimizers, epoch=epoch, step=step)
+        if not official:
+            return self.optimize(model, out, optimizers, epoch=epoch, step=step)
+        return self._two_gradient_step(out, optimizers, epoch=epoch, step=step)
+
+    def _two_gradient_step(self, out, optimizers: dict, *, epoch: int, step: int) -> dict:
+        check_finite(out.losses, epoch=epoch, step=step)
+        params = {k: [p for g in opt.param_groups for p in g["params"]]
+                  for k, opt in optimizers.items()}
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        gate_grads = torch.autograd.grad(gate_loss(out.losses), params["gate"],
+                                         retain_graph=True, allow_unused=True)
+        main_loss(out.losses).backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params["main"], self.grad_clip)
+        optimizers["main"].step()
+        for p, g in zip(params["gate"], gate_grads):
+            p.grad = g
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params["gate"], self.grad_clip)
+        optimizers["gate"].step()
+        return {"loss": float(out.loss.detach()),
+                **{k: float(v.detach()) for k, v in out.losses.items()}}

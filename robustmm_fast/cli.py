@@ -15,7 +15,7 @@ import inspect
 import sys
 
 BENCH_OPS = ("reparam_kl", "cycle_loss", "masked_attention", "models")
-BENCH_METHODS = ("cyin", "dmrnet", "mim")  # robustmm_fast.bench.models.METHODS (imported lazily)
+BENCH_METHODS = ("cyin", "cyin_joint", "dmrnet", "mim")  # robustmm_fast.bench.models.METHODS (imported lazily)
 
 
 def _bench(args) -> int:

@@ -124,7 +124,9 @@ class TrainConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Every field, JSON-native (tuples as lists), so json round trips are exact."""
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:

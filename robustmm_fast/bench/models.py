@@ -4,9 +4,12 @@ on MOSI-like synthetic data, with the fused backends beside the reference backen
 under torch.compile of the model (when it compiles).
 
 CyIN: B = 32, L = 50, text 768, audio 74, vision 35 (MOSEI's feature widths at MOSI's aligned
-length), the official MOSI configuration (common/IB dims 256/256/128, MulT 2 layers x 8 heads,
+length), its `mosi` preset = the official MOSI configuration (official=True; MulT width 256,
+IB 256/128, MulT fusion of 2 layers x 8 heads with 3-layer memories of width 512, Conv1d
 translators [64, 32, 16] x 8 blocks), in stage 2 (translation and latent substitution on), so
 all three fused ops run: masked_cross_attention, reparameterize_kl, cycle_reconstruction_loss.
+"cyin_joint": the same with fusion="joint" (ours: one cross-modal transformer per target over
+both sources, memory of width 256; one attention dropout, 0.1).
 
 DMRNet: the same data, the default configuration (transformer encoders of width 128, 2 layers x
 4 heads per modality; latent = 3 x 128), a step of the "hard" stage (after the warm-up): the
@@ -25,11 +28,15 @@ from .runner import Case, Impl
 
 MODALITIES = {"text": (50, 768), "audio": (50, 74), "vision": (50, 35)}
 BATCH = 32
-# method -> (dataset preset whose config is used (None: the defaults), the stage of the timed
-# training step (None: the recipe's last), the fused ops the step must run)
-METHODS = {"cyin": ("mosi", "stage2", ("masked_attention", "reparam_kl", "cycle_loss")),
-           "dmrnet": (None, "hard", ("masked_attention", "reparam_kl")),
-           "mim": ("mosi", None, ("masked_attention",))}
+# case -> (dataset preset whose config is used (None: the defaults), the stage of the timed
+# training step (None: the recipe's last), the fused ops the step must run, the registry
+# method, config overrides)
+_CYIN_OPS = ("masked_attention", "reparam_kl", "cycle_loss")
+METHODS = {"cyin": ("mosi", "stage2", _CYIN_OPS, "cyin", {}),
+           "cyin_joint": ("mosi", "stage2", _CYIN_OPS, "cyin",
+                          {"fusion": "joint", "attn_dropout": 0.1}),
+           "dmrnet": (None, "hard", ("masked_attention", "reparam_kl"), "dmrnet", {}),
+           "mim": ("mosi", None, ("masked_attention",), "mim", {})}
 
 
 def cases(methods=tuple(METHODS), dtype=torch.float32) -> list[Case]:
@@ -49,10 +56,10 @@ def _batch(device):
 def _step_closures(case: Case, device, backend: str, compiled: bool):
     from ..models.registry import get_method
     name = case.params["method"]
-    preset, stage, ops = METHODS[name]
-    method = get_method(name)
+    preset, stage, ops, registered, overrides = METHODS[name]
+    method = get_method(registered)
     data, batch = _batch(device)
-    config = method.config(preset)
+    config = method.config(preset, overrides)
     torch.manual_seed(0)
     model = method.build(data, config).to(device)
     recipe = method.recipe(config)

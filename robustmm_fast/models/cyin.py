@@ -96,6 +96,8 @@ class CyINConfig(TrainConfig):
     Model: ib_inter_dim (IB_inter_dim), ib_dim (IB_btnk_dim), eta (p_eta: L_IB = mean[KL + eta
     MSE], added as (1/eta) L_IB); common_dim (the MulT width); fusion ("mult": MulT's structure,
     "joint": ours); fusion_kernel (conv1d_kernel_size; no padding); mult_layers (nlevels),
+    fusion_kernel None: 3, the official
+    conv1d_kernel_size, where every modality has >= 3 tokens, else 1 (vectors);
     mult_heads (num_heads), memory_layers (None: max(nlevels, 3), as CyIN's get_network);
     attn_dropout (one probability, or {modality: p} -- official attn_dropout_l/_a/_v, applied to
     the cross-modal transformers whose source it is); memory_attn_dropout (attn_dropout_mem);
@@ -122,7 +124,7 @@ class CyINConfig(TrainConfig):
     eta: float = 16.0
     common_dim: int = 256
     fusion: str = "mult"
-    fusion_kernel: int = 3
+    fusion_kernel: Optional[int] = None
     mult_layers: int = 2
     mult_heads: int = 8
     memory_layers: Optional[int] = None
@@ -153,6 +155,8 @@ class CyINConfig(TrainConfig):
         for name in ("ib_inter_dim", "ib_dim", "common_dim", "mult_layers", "mult_heads",
                      "translator_blocks", "fusion_kernel", "translator_kernel"):
             value = getattr(self, name)
+            if name == "fusion_kernel" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.memory_layers is not None and (isinstance(self.memory_layers, bool)
@@ -223,6 +227,9 @@ class CyIN(MultimodalModel):
         if M < 2:
             raise ValueError(f"CyIN needs at least 2 modalities, got {M}")
         lengths = [L for L, _ in self.modalities.values()]
+        if cfg.fusion_kernel is None:  # the official 3 taps where the sequences allow them
+            cfg = cfg.replace(fusion_kernel=3 if min(lengths) >= 3 else 1)
+            self.cfg = cfg
         if min(lengths) < cfg.fusion_kernel:
             raise ValueError(f"fusion_kernel {cfg.fusion_kernel} (a convolution without padding, "
                              f"as CyIN's proj_m) needs sequences of >= {cfg.fusion_kernel} tokens; "

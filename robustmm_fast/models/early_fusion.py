@@ -12,33 +12,44 @@ Losses: {"task": L(y, labels)}.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
+from ..contract import ModelOutput, TrainConfig, task_loss, zero_absent
+from .base import MultimodalModel
 from .encoders import masked_mean
 
-__all__ = ["EarlyFusion"]
+__all__ = ["EarlyFusion", "EarlyFusionConfig"]
+
+
+@dataclass(frozen=True)
+class EarlyFusionConfig(TrainConfig):
+    """hidden: embedding width per modality and the MLP's width; dropout: inside the MLP;
+    regression_loss: "l1" or "mse" (regression only); and TrainConfig's keys."""
+    hidden: int = 128
+    dropout: float = 0.1
+    regression_loss: str = "l1"
 
 
 class EarlyFusion(MultimodalModel):
     """Concatenation of per-modality input embeddings and the presence mask, then an MLP.
 
-    Args:
-        modalities, task, num_classes: as MultimodalModel.
-        hidden: embedding width per modality and the MLP's width.
-        dropout: dropout inside the MLP.
-        regression_loss: "l1" or "mse" (regression only).
+    EarlyFusion(modalities, task, num_classes, config=None, **overrides): config an
+    EarlyFusionConfig or a dict of its keys; overrides keys of it.
 
     forward(inputs, present, labels=None, padding=None, stage=None): stage is accepted (and
     ignored) so every recipe can call every model alike.
     """
 
-    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0, *,
-                 hidden: int = 128, dropout: float = 0.1, regression_loss: str = "l1"):
+    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0,
+                 config: Union[EarlyFusionConfig, dict, None] = None, **overrides):
         super().__init__(modalities, task, num_classes)
+        cfg = EarlyFusionConfig.from_dict(config, name="EarlyFusion")
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        hidden, dropout, regression_loss = cfg.hidden, cfg.dropout, cfg.regression_loss
         if not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
         if not 0.0 <= dropout < 1.0:

@@ -11,18 +11,34 @@ L(z_m, labels)} (0 when m is absent from the whole batch).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
+from ..contract import ModelOutput, TrainConfig, task_loss, zero_absent
+from .base import MultimodalModel
 from .encoders import make_encoder
 
-__all__ = ["LateFusion", "masked_task_loss"]
+__all__ = ["LateFusion", "LateFusionConfig", "masked_task_loss"]
 
 COMBINES = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class LateFusionConfig(TrainConfig):
+    """hidden: encoder width; encoder: "auto" | "mlp" | "transformer" (see make_encoder);
+    layers, heads, dropout: encoder settings (dropout also precedes each head); combine: "sum"
+    or "mean" over the present branches; regression_loss: "l1" or "mse"; TrainConfig's keys."""
+    hidden: int = 128
+    encoder: str = "auto"
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    combine: str = "sum"
+    regression_loss: str = "l1"
 
 
 def masked_task_loss(output: Tensor, labels: Tensor, task: str, keep: Tensor,
@@ -43,22 +59,23 @@ def masked_task_loss(output: Tensor, labels: Tensor, task: str, keep: Tensor,
 class LateFusion(MultimodalModel):
     """Late fusion of per-modality classifiers/regressors.
 
-    Args:
-        modalities, task, num_classes: as MultimodalModel.
-        hidden: encoder width. encoder: "auto" | "mlp" | "transformer" (see make_encoder).
-        layers, heads, dropout: encoder settings; dropout also precedes each head.
-        combine: "sum" (default) or "mean" over the present branches.
-        regression_loss: "l1" or "mse" (regression only).
+    LateFusion(modalities, task, num_classes, config=None, **overrides): config a
+    LateFusionConfig (or a dict of its keys), overrides keys of it.
 
     forward(inputs, present, labels=None, padding=None, stage=None): stage "unimodal" gives the
     per-branch losses, any other stage (or None) the fused task loss. extras["branches"]:
     {m: (B, out_dim) branch outputs} (absent samples' rows are meaningless).
     """
 
-    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0, *,
-                 hidden: int = 128, encoder: str = "auto", layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1, combine: str = "sum", regression_loss: str = "l1"):
+    Config = LateFusionConfig
+
+    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0,
+                 config: Union[LateFusionConfig, dict, None] = None, **overrides):
         super().__init__(modalities, task, num_classes)
+        cfg = self.Config.from_dict(config, name=type(self).__name__)
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        hidden, encoder, layers, heads = cfg.hidden, cfg.encoder, cfg.layers, cfg.heads
+        dropout, combine, regression_loss = cfg.dropout, cfg.combine, cfg.regression_loss
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
         if regression_loss not in ("l1", "mse"):

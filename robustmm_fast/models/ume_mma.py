@@ -19,43 +19,66 @@ optimizer state; only the current stage's optimizer steps.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..train.recipe import Recipe
-from .late_fusion import LateFusion
+from ..contract import Recipe
+from .late_fusion import LateFusion, LateFusionConfig
 
-__all__ = ["UMEMMA", "UMEMMARecipe", "STAGES"]
+__all__ = ["UMEMMA", "UMEMMAConfig", "UMEMMARecipe", "STAGES"]
 
 STAGES = ("unimodal", "finetune")
+
+
+@dataclass(frozen=True)
+class UMEMMAConfig(LateFusionConfig):
+    """LateFusionConfig's keys, and unimodal_epochs, finetune_epochs, finetune_lr (None: lr);
+    modality_dropout 0.5 (applied in finetune only). `epochs` is unimodal_epochs +
+    finetune_epochs and is not set by hand (None)."""
+    epochs: Optional[int] = None
+    unimodal_epochs: int = 10
+    finetune_epochs: int = 20
+    finetune_lr: Optional[float] = None
+    modality_dropout: float = 0.5
+
+    def __post_init__(self):
+        if self.epochs is not None and self.epochs != self.total_epochs:
+            raise ValueError("UME-MMA's epochs = unimodal_epochs + finetune_epochs; set those "
+                             f"instead of 'epochs' (got epochs={self.epochs})")
+        if self.unimodal_epochs < 0 or self.finetune_epochs < 1:
+            raise ValueError(f"unimodal_epochs must be >= 0 and finetune_epochs >= 1, got "
+                             f"{self.unimodal_epochs} and {self.finetune_epochs}")
+        object.__setattr__(self, "epochs", self.unimodal_epochs + self.finetune_epochs)
+        super().__post_init__()
+        object.__setattr__(self, "epochs", None)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.unimodal_epochs + self.finetune_epochs
 
 
 class UMEMMA(LateFusion):
     """LateFusion with combine="sum" by default (the paper's ensemble of branch logits); see
     LateFusion for the arguments. Train it with UMEMMARecipe."""
 
+    Config = UMEMMAConfig
+
 
 class UMEMMARecipe(Recipe):
-    """Config keys: unimodal_epochs (default 10), finetune_epochs (default 20), lr,
-    finetune_lr (None or absent: lr), modality_dropout (default 0.5, applied in finetune only),
-    weight_decay, batch_size, grad_clip. `epochs` is their sum and is not a key of its own."""
+    """UMEMMAConfig's keys: unimodal_epochs, finetune_epochs, lr, finetune_lr, modality_dropout
+    (finetune only), weight_decay, batch_size, grad_clip."""
 
-    def __init__(self, config: Optional[dict] = None):
-        config = dict(config or {})
-        if "epochs" in config:
-            raise ValueError("UME-MMA's epochs = unimodal_epochs + finetune_epochs; set those "
-                             "instead of 'epochs'")
-        self.unimodal_epochs = int(config.get("unimodal_epochs", 10))
-        self.finetune_epochs = int(config.get("finetune_epochs", 20))
-        if self.unimodal_epochs < 0 or self.finetune_epochs < 1:
-            raise ValueError(f"unimodal_epochs must be >= 0 and finetune_epochs >= 1, got "
-                             f"{self.unimodal_epochs} and {self.finetune_epochs}")
-        config.setdefault("modality_dropout", 0.5)
-        super().__init__({**config, "epochs": self.unimodal_epochs + self.finetune_epochs})
-        self.config = config
-        ft = config.get("finetune_lr")
+    Config = UMEMMAConfig
+
+    def __init__(self, config: Union[UMEMMAConfig, dict, None] = None):
+        super().__init__(config)
+        self.unimodal_epochs, self.finetune_epochs = (self.cfg.unimodal_epochs,
+                                                      self.cfg.finetune_epochs)
+        self.epochs = self.cfg.total_epochs
+        ft = self.cfg.finetune_lr
         self.finetune_lr = self.lr if ft is None else float(ft)
         if not self.finetune_lr > 0 or not self.lr > 0:
             raise ValueError(f"lr and finetune_lr must be > 0, got {self.lr} and "

@@ -172,12 +172,15 @@ def _harness(args) -> int:
 
 def _eval(args) -> int:
     from .run import load_data, parse_protocol, protocol_masks, score
-    from .train import load_trained
+    from .models.registry import get_method
+    from .train import load_best, load_trained
     points = parse_protocol(args.protocol)
+    saved = load_best(args.checkpoint)["method"]
+    method = None if saved.startswith("custom:") else get_method(saved)
     rows = []
     for seed in args.seeds:
         dataset = load_data(args.data, seed)
-        model = load_trained(args.checkpoint, dataset)
+        model = load_trained(args.checkpoint, dataset, method=method)
         scores = score(model, dataset, protocol_masks(dataset, points, seed), device=args.device)
         for point, metrics in scores.items():
             rows.append((seed, point, metrics))

@@ -172,7 +172,7 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
     from .missing import save_masks
     from .models.registry import METHODS, default_config
     from .train import fit
-    from .train.engine import ENGINE_KEYS
+    from .contract import ENGINE_KEYS
     methods = list(methods or METHODS)
     for m in methods:
         if m not in METHODS:
@@ -213,7 +213,8 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
             if quick:
                 cfg = _quick(cfg)
             t0 = time.perf_counter()
-            fitted = fit(method, dataset, config=cfg, seed=seed, out_dir=out / method / f"seed-{seed}",
+            fitted = fit(METHODS[method], dataset, config=cfg, seed=seed,
+                         out_dir=out / method / f"seed-{seed}",
                          device=device, progress=progress)
             scores = score(fitted.model, dataset, masks, device=device)
             result.per_seed.setdefault(method, {})[seed] = scores

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from robustmm_fast.data.synthetic import make_synthetic
 from robustmm_fast.missing import random_missing
+from robustmm_fast.models.registry import get_method
 from robustmm_fast.train.engine import fit
 from robustmm_fast.train.evaluate import evaluate
 
@@ -76,9 +77,9 @@ def trained():
         out = {}
         for seed in SEEDS:
             ds = make_synthetic(seed=seed, **DATA)
-            with_t = fit("cyin", ds, config={**CONFIG, "translate": True}, seed=seed,
+            with_t = fit(get_method("cyin"), ds, config={**CONFIG, "translate": True}, seed=seed,
                          progress=False)
-            without = fit("cyin", ds, config={**CONFIG, "translate": False}, seed=seed,
+            without = fit(get_method("cyin"), ds, config={**CONFIG, "translate": False}, seed=seed,
                           progress=False)
             out[seed] = (ds, with_t, without)
         return out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from robustmm_fast.data.synthetic import make_synthetic
 from robustmm_fast.missing import random_missing
+from robustmm_fast.models.registry import get_method
 from robustmm_fast.train.engine import fit
 from robustmm_fast.train.evaluate import evaluate
 
@@ -41,8 +42,8 @@ def main(argv):
     gaps = []
     for seed in mech.SEEDS:
         ds = make_synthetic(seed=seed, **mech.DATA)
-        with_t = fit("cyin", ds, config={**config, "translate": True}, seed=seed, progress=False)
-        without = fit("cyin", ds, config={**config, "translate": False}, seed=seed,
+        with_t = fit(get_method("cyin"), ds, config={**config, "translate": True}, seed=seed, progress=False)
+        without = fit(get_method("cyin"), ds, config={**config, "translate": False}, seed=seed,
                       progress=False)
         model = with_t.model
         with torch.no_grad():

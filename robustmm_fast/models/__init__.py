@@ -1,8 +1,8 @@
 """Models with the interface of DESIGN §5, and the registry of methods the harness trains.
 
-UME-MMA, CyIN, DMRNet, MIM and the registry are imported on first use (they import
-robustmm_fast.train, whose engine imports the registry: importing them here eagerly would make
-that a cycle)."""
+UME-MMA, CyIN, DMRNet, MIM and the registry are imported on first use (they are the heavy
+modules); none of them imports robustmm_fast.train: the method contract they share with it is
+robustmm_fast.contract."""
 from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
 from .early_fusion import EarlyFusion
 from .encoders import make_encoder

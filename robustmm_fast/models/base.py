@@ -11,55 +11,12 @@ be anything, NaN included (models zero it before use, never multiply it by 0).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..contract import ModelOutput, task_loss, zero_absent  # the contract's, re-exported
+
 __all__ = ["ModelOutput", "MultimodalModel", "task_loss", "zero_absent"]
-
-
-@dataclass
-class ModelOutput:
-    """logits (B, C) for classification or prediction (B,) for regression; losses: named terms,
-    each already weighted; extras: anything else a recipe or test may read."""
-    logits: Optional[Tensor] = None
-    prediction: Optional[Tensor] = None
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    extras: dict = field(default_factory=dict)
-
-    @property
-    def output(self) -> Tensor:
-        return self.logits if self.logits is not None else self.prediction
-
-    @property
-    def loss(self) -> Tensor:
-        if not self.losses:
-            raise ValueError("this output has no losses (call the model with labels=...)")
-        return torch.stack([v.reshape(()) for v in self.losses.values()]).sum()
-
-
-def task_loss(output: Tensor, labels: Tensor, task: str, regression_loss: str = "l1") -> Tensor:
-    """Cross-entropy on logits (B, C) for classification; L1 (MMSA's default) or MSE on
-    predictions (B,) for regression."""
-    if task == "classification":
-        return F.cross_entropy(output, labels)
-    if regression_loss == "l1":
-        return F.l1_loss(output, labels.to(output.dtype))
-    if regression_loss == "mse":
-        return F.mse_loss(output, labels.to(output.dtype))
-    raise ValueError(f"regression_loss must be 'l1' or 'mse', got {regression_loss!r}")
-
-
-def zero_absent(x: Tensor, present_m: Tensor, padding: Optional[Tensor] = None) -> Tensor:
-    """x (B, L, D) with absent samples' (present_m (B,) False) and padded tokens' values replaced
-    by 0 (torch.where, so NaN/Inf there cannot reach the output or a gradient)."""
-    keep = present_m.view(-1, 1, 1)
-    if padding is not None:
-        keep = keep & ~padding.unsqueeze(-1)
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class MultimodalModel(nn.Module):

@@ -57,17 +57,19 @@ from __future__ import annotations
 
 from typing import Optional
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..contract import ModelOutput, Recipe, TrainConfig, task_loss, zero_absent
 from ..nn.gaussian_bottleneck import GaussianBottleneck
-from ..train.recipe import Recipe
-from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
+from .base import MultimodalModel
 from .encoders import make_encoder
 from .late_fusion import masked_task_loss
 
-__all__ = ["DMRNet", "DMRNetRecipe", "STAGES", "CANDIDATES", "INITS", "OPTIMIZERS", "STATISTICS",
+__all__ = ["DMRNet", "DMRNetConfig", "DMRNetRecipe", "STAGES", "CANDIDATES", "INITS", "OPTIMIZERS", "STATISTICS",
            "OFFICIAL_QUIRKS", "OUR_QUIRKS", "OFFICIAL_WARMUP_EPOCHS", "combination_codes",
            "combination_names"]
 
@@ -111,6 +113,38 @@ def combination_names(code: int, names: list[str]) -> tuple[str, ...]:
     return tuple(m for i, m in enumerate(names) if code >> i & 1)
 
 
+@dataclass(frozen=True)
+class DMRNetConfig(TrainConfig):
+    """Every DMRNet hyperparameter, with its default written once (see DMRNet and DMRNetRecipe
+    for each key; the quirk options are None = as `official` says). Defaults: the official
+    loss and schedule settings (KL 1e-3, beta 0.2, 6 warm-up epochs, top-1 unimodal hard
+    combination), our encoders and optimizer."""
+    hidden: int = 128
+    encoder: str = "auto"
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    latent_dim: Optional[int] = None
+    kl_weight: float = 1e-3
+    beta: float = 0.2
+    classifier_dropout: Optional[float] = None
+    init: Optional[str] = None
+    official: bool = False
+    regression_loss: str = "l1"
+    warmup_epochs: int = OFFICIAL_WARMUP_EPOCHS
+    hard_k: int = 1
+    hard_candidates: str = "unimodal"
+    sample_combinations: bool = True
+    optimizer: Optional[str] = None
+    lr_decay_step: Optional[int] = None
+    lr_decay_ratio: float = 0.1
+    variance_statistic: Optional[str] = None
+
+
+_MODEL_KEYS = ("hidden", "encoder", "layers", "heads", "dropout", "latent_dim", "kl_weight",
+               "beta", "classifier_dropout", "init", "official", "regression_loss")
+
+
 class DMRNet(MultimodalModel):
     """DMRNet for M >= 1 modalities of shapes {name: (L_m, D_m)} (see the module docstring).
 
@@ -134,13 +168,14 @@ class DMRNet(MultimodalModel):
     tensor of the hard combinations (the "hard" loss term appears when it is given).
     """
 
-    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0, *,
-                 hidden: int = 128, encoder: str = "auto", layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1, latent_dim: Optional[int] = None, kl_weight: float = 1e-3,
-                 beta: float = 0.2, classifier_dropout: Optional[float] = None,
-                 init: Optional[str] = None, official: bool = False,
-                 regression_loss: str = "l1"):
+    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0,
+                 config=None, **overrides):
+        """config: a DMRNetConfig or a dict of its keys; overrides: keys of it."""
         super().__init__(modalities, task, num_classes)
+        cfg = DMRNetConfig.from_dict(config, name="DMRNet")
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        (hidden, encoder, layers, heads, dropout, latent_dim, kl_weight, beta, classifier_dropout,
+         init, official, regression_loss) = (getattr(cfg, k) for k in _MODEL_KEYS)
         self.official = _check_official(official)
         if latent_dim is None and isinstance(hidden, int):
             latent_dim = len(self.modalities) * hidden
@@ -267,20 +302,21 @@ class DMRNetRecipe(Recipe):
     the means of each rank's shard of a batch).
     """
 
-    def __init__(self, config: Optional[dict] = None):
-        config = dict(config or {})
+    Config = DMRNetConfig
+
+    def __init__(self, config=None):
         super().__init__(config)
-        self.official = _check_official(config.get("official", False))
-        self.warmup_epochs = int(config.get("warmup_epochs", OFFICIAL_WARMUP_EPOCHS))
-        self.hard_k = int(config.get("hard_k", 1))
-        self.sample_combinations = bool(config.get("sample_combinations", True))
-        self.hard_candidates = str(config.get("hard_candidates", "unimodal"))
-        self.optimizer = _resolve_quirk("optimizer", config.get("optimizer"), self.official)
-        self.lr_decay_step = _resolve_quirk("lr_decay_step", config.get("lr_decay_step"),
-                                            self.official)
-        self.lr_decay_ratio = float(config.get("lr_decay_ratio", 0.1))
-        self.variance_statistic = _resolve_quirk("variance_statistic",
-                                                 config.get("variance_statistic"), self.official)
+        cfg = self.cfg
+        self.official = _check_official(cfg.official)
+        self.warmup_epochs = int(cfg.warmup_epochs)
+        self.hard_k = int(cfg.hard_k)
+        self.sample_combinations = bool(cfg.sample_combinations)
+        self.hard_candidates = str(cfg.hard_candidates)
+        self.optimizer = _resolve_quirk("optimizer", cfg.optimizer, self.official)
+        self.lr_decay_step = _resolve_quirk("lr_decay_step", cfg.lr_decay_step, self.official)
+        self.lr_decay_ratio = float(cfg.lr_decay_ratio)
+        self.variance_statistic = _resolve_quirk("variance_statistic", cfg.variance_statistic,
+                                                 self.official)
         if self.hard_candidates not in CANDIDATES:
             raise ValueError(f"hard_candidates must be one of {CANDIDATES}, got "
                              f"{self.hard_candidates!r}")

@@ -128,6 +128,7 @@ table with file:line is docs/_fidelity_mim.md):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -136,12 +137,12 @@ from torch import Tensor, nn
 
 from ..nn.cross_modal_transformer import _Block as _MulTBlock
 from ..nn.cross_modal_transformer import sinusoid_positions
-from ..train.recipe import Recipe, check_finite
-from .base import ModelOutput, MultimodalModel, task_loss, zero_absent
+from ..contract import ModelOutput, Recipe, TrainConfig, check_finite, task_loss, zero_absent
+from .base import MultimodalModel
 from .encoders import _Block, _zero_padding
 from .late_fusion import masked_task_loss
 
-__all__ = ["MIM", "MIMRecipe", "hard_concrete", "kgs_alpha", "gate_loss", "main_loss",
+__all__ = ["MIM", "MIMConfig", "MIMRecipe", "hard_concrete", "kgs_alpha", "gate_loss", "main_loss",
            "GATE_PREFIX", "FUSIONS", "OFFICIAL_QUIRKS", "OUR_QUIRKS"]
 
 FUSIONS = ("product", "add", "concat")
@@ -282,6 +283,45 @@ def _int(name: str, value, low: int) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class MIMConfig(TrainConfig):
+    """Every MIM hyperparameter, with its default written once (see MIM and MIMRecipe for each
+    key; the departure options are None = as `official` says); gate_lr: the gate optimizer's
+    lr (None: lr)."""
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    conv_kernel: int = 1
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    embed_dropout: float = 0.0
+    conv_only: tuple = ()
+    gate_bottleneck: Optional[int] = None
+    gate_bias: float = 3.0
+    temperature: float = 1 / 3
+    gamma: float = -0.2
+    zeta: float = 1.0
+    threshold: float = 0.6
+    fusion: str = "product"
+    out_dropout: float = 0.0
+    pool_activation: str = "none"
+    unimodal_weight: float = 1.0
+    intra_weight: float = 1.0
+    inter_weight: float = 1.0
+    l0_weight: float = 0.1
+    stochastic_test: Optional[bool] = None
+    inter_weighting: Optional[str] = None
+    gates_from_main: Optional[bool] = None
+    mask_padding: Optional[bool] = None
+    mult_encoder: Optional[bool] = None
+    official: bool = False
+    regression_loss: str = "l1"
+    gate_lr: Optional[float] = None
+
+
+_MODEL_KEYS = ('hidden', 'layers', 'heads', 'conv_kernel', 'dropout', 'attn_dropout', 'embed_dropout', 'conv_only', 'gate_bottleneck', 'gate_bias', 'temperature', 'gamma', 'zeta', 'threshold', 'fusion', 'out_dropout', 'pool_activation', 'unimodal_weight', 'intra_weight', 'inter_weight', 'l0_weight', 'stochastic_test', 'inter_weighting', 'gates_from_main', 'mask_padding', 'mult_encoder', 'official', 'regression_loss')
+
+
 class MIM(MultimodalModel):
     """MIM for M >= 1 modalities of shapes {name: (L_m, D_m)} (see the module docstring).
 
@@ -320,20 +360,17 @@ class MIM(MultimodalModel):
     "tokens" {m: (B, L_m, H)} the encoder's tokens (invalid steps 0).
     """
 
-    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0, *,
-                 hidden: int = 64, layers: int = 2, heads: int = 4, conv_kernel: int = 1,
-                 dropout: float = 0.1, attn_dropout: float = 0.0, embed_dropout: float = 0.0,
-                 conv_only: Sequence[str] = (), gate_bottleneck: Optional[int] = None,
-                 gate_bias: float = 3.0, temperature: float = 1 / 3, gamma: float = -0.2,
-                 zeta: float = 1.0, threshold: float = 0.6, fusion: str = "product",
-                 out_dropout: float = 0.0, pool_activation: str = "none",
-                 unimodal_weight: float = 1.0, intra_weight: float = 1.0,
-                 inter_weight: float = 1.0, l0_weight: float = 0.1,
-                 stochastic_test: Optional[bool] = None, inter_weighting: Optional[str] = None,
-                 gates_from_main: Optional[bool] = None, mask_padding: Optional[bool] = None,
-                 mult_encoder: Optional[bool] = None, official: bool = False,
-                 regression_loss: str = "l1"):
+    def __init__(self, modalities: dict[str, tuple[int, int]], task: str, num_classes: int = 0,
+                 config=None, **overrides):
+        """config: a MIMConfig or a dict of its keys; overrides: keys of it."""
         super().__init__(modalities, task, num_classes)
+        cfg = MIMConfig.from_dict(config, name="MIM")
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        (hidden, layers, heads, conv_kernel, dropout, attn_dropout, embed_dropout, conv_only,
+         gate_bottleneck, gate_bias, temperature, gamma, zeta, threshold, fusion, out_dropout,
+         pool_activation, unimodal_weight, intra_weight, inter_weight, l0_weight,
+         stochastic_test, inter_weighting, gates_from_main, mask_padding, mult_encoder, official,
+         regression_loss) = (getattr(cfg, k) for k in _MODEL_KEYS)
         _int("hidden", hidden, 1)
         _int("layers", layers, 0)
         _int("heads", heads, 1)
@@ -596,10 +633,11 @@ class MIMRecipe(Recipe):
 
     clip_each_optimizer = True   # the two groups train on different losses
 
-    def __init__(self, config: Optional[dict] = None):
-        config = dict(config or {})
+    Config = MIMConfig
+
+    def __init__(self, config=None):
         super().__init__(config)
-        gate_lr = config.get("gate_lr")
+        gate_lr = self.cfg.gate_lr
         self.gate_lr = self.lr if gate_lr is None else float(gate_lr)
         for name, v in (("lr", self.lr), ("gate_lr", self.gate_lr)):
             if not v > 0 or not math.isfinite(v):

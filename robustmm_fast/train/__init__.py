@@ -1,10 +1,10 @@
 """The training engine: one loop that runs a method's recipe (robustmm_fast.train.fit), model
 selection on the validation split, atomic resumable checkpoints, DDP under torchrun, and
 scoring (evaluate / predict)."""
-from .recipe import NonFiniteLossError, Recipe, check_finite
+from ..contract import ENGINE_KEYS, NonFiniteLossError, Recipe, check_finite
 from .checkpoint import load_best, load_checkpoint, load_trained, save_atomic
 from .evaluate import evaluate, predict
-from .engine import ENGINE_KEYS, FitResult, fit
+from .engine import FitResult, fit
 
 __all__ = ["Recipe", "NonFiniteLossError", "check_finite", "fit", "FitResult", "ENGINE_KEYS",
            "evaluate", "predict", "save_atomic", "load_checkpoint", "load_best", "load_trained"]

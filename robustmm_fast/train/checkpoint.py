@@ -155,11 +155,11 @@ def load_best(path) -> dict:
     return _load(Path(path), MODEL_FORMAT, _MODEL_KEYS)
 
 
-def load_trained(path, dataset, *, method=None):
+def load_trained(path, dataset, *, method):
     """Rebuild the model saved in a ``best.pt`` for `dataset` (eval mode, CPU).
 
-    method: the registry Method to build with; None looks up the saved method name in
-    ``robustmm_fast.models.registry``. The dataset must have the modalities (names, lengths,
+    method: the registry Method that trained it (``robustmm_fast.models.get_method(
+    load_best(path)["method"])``; name lookups live in cli.py / run.py). The dataset must have the modalities (names, lengths,
     dims), task and classes the model was trained on (ValueError naming what differs).
     """
     path = Path(path)
@@ -169,13 +169,13 @@ def load_trained(path, dataset, *, method=None):
         if saved.get(key) != here[key]:
             raise ValueError(f"{path}: the model was trained on {key} {saved.get(key)!r}, but "
                              f"dataset {dataset.name!r} has {here[key]!r}")
-    if method is None:
-        name = best["method"]
-        if name.startswith("custom:"):
-            raise ValueError(f"{path}: the model is a custom {name[7:]} (fit(model=...)); build it "
-                             "yourself and load_state_dict(load_best(path)['model'])")
-        from ..models.registry import get_method
-        method = get_method(name)
+    name = best["method"]
+    if name.startswith("custom:"):
+        raise ValueError(f"{path}: the model is a custom {name[7:]} (fit(model=...)); build it "
+                         "yourself and load_state_dict(load_best(path)['model'])")
+    if method is None or isinstance(method, str):  # name lookups live above train/
+        raise TypeError(f"{path}: load_trained needs the Method that trained it: "
+                        f"method=robustmm_fast.models.get_method({name!r})")
     config = {k: v for k, v in best["config"].items() if k not in _engine_keys()}
     model = method.build(dataset, config)
     model.load_state_dict(best["model"])
@@ -183,5 +183,5 @@ def load_trained(path, dataset, *, method=None):
 
 
 def _engine_keys() -> tuple[str, ...]:
-    from .engine import ENGINE_KEYS
+    from ..contract import ENGINE_KEYS
     return tuple(ENGINE_KEYS)

@@ -123,7 +123,7 @@ def _register_model_output() -> None:
     is one opaque leaf, so register ModelOutput's fields as its children.
     """
     import torch.utils._pytree as pytree
-    from ..models.base import ModelOutput
+    from ..contract import ModelOutput
     if ModelOutput in pytree.SUPPORTED_NODES:
         return
     fields = ("logits", "prediction", "losses", "extras")

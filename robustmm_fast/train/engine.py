@@ -1,6 +1,6 @@
 """The one training loop: a method's recipe, validation-based selection, checkpoints, DDP.
 
-    result = fit("ume_mma", dataset, seed=1111, out_dir="runs/ume/seed-1111")
+    result = fit(get_method("ume_mma"), dataset, seed=1111, out_dir="runs/ume/seed-1111")
     result.model          # the selected (best-validation) model, eval mode
     result.history        # per epoch: epoch, stage, train (mean terms), valid (metrics), ...
 
@@ -41,12 +41,10 @@ from . import distributed as dist_utils
 from .checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, VERSION, canonical, data_facts,
                          load_checkpoint, run_identity, save_atomic)
 from .evaluate import evaluate
-from ..contract import Recipe
+from ..contract import ENGINE_KEYS, Recipe
 
 __all__ = ["fit", "FitResult", "ENGINE_KEYS"]
 
-# Config keys the engine reads itself (never passed to a method's build/recipe), with defaults.
-ENGINE_KEYS = {"select_on": "complete"}
 
 
 @dataclass
@@ -116,9 +114,9 @@ def _resolve(method, dataset, config, model, recipe):
         return None, build, recipe, method_config, {**method_config, **engine}
     if method is None:
         raise ValueError("fit needs a method (a registry name or a Method), or model= and recipe=")
-    if isinstance(method, str):
-        from ..models.registry import get_method
-        method = get_method(method)
+    if isinstance(method, str):  # name lookups live above train/ (run.py, cli.py)
+        raise TypeError(f"fit takes a Method, not its name: fit(robustmm_fast.models."
+                        f"get_method({method!r}), ...)")
     if hasattr(method, "config"):
         method_config = method.config(dataset.name, config)
     else:

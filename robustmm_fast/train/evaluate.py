@@ -58,7 +58,7 @@ def evaluate(model: nn.Module, dataset, split: str = "test", *, present: Optiona
     regression_metrics by dataset.task (as Python floats), plus "loss" (cross-entropy or L1 of
     the outputs) and "n" (samples scored)."""
     from ..metrics import classification_metrics, regression_metrics
-    from ..models.base import task_loss
+    from ..contract import task_loss
     outputs, labels = predict(model, dataset, split, present=present, batch_size=batch_size,
                               device=device)
     if dataset.task == "classification":

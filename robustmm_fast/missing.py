@@ -6,7 +6,7 @@ so the same arguments give the same mask on every machine; masks are saved besid
 (`save_masks` / `load_masks`) so every method is scored on the same ones.
 
 Protocols (as CyIN's evaluation defines them, trains/MissingProtocol.py; see
-docs/_fidelity_protocols.md for the line-by-line comparison)
+docs/fidelity.md for the line-by-line comparison)
 - `fixed_subsets(M)`: the 2^M - 1 non-empty combinations, row r = bitmask r + 1 (bit m set =
   modality m present), so rows run 1 0 0.., 0 1 0.., 1 1 0.., ... and the last row is complete.
   A fixed-subset point gives every sample the same row.

@@ -15,9 +15,9 @@ DMRNet: the same data, the default configuration (transformer encoders of width 
 4 heads per modality; latent = 3 x 128), a step of the "hard" stage (after the warm-up): the
 fused ops are masked_cross_attention (encoders) and reparameterize_kl (the bottleneck).
 
-MIM: the same data, its `mosi` preset (the official encoder settings: Conv1d kernel 3, 3 layers
-x 5 heads, width 50), a step of both its optimizers: the fused op is masked_cross_attention
-(token encoders).
+MIM: the same data, its `mosi` preset (the official configuration, official=True: Conv1d kernel
+3, MulT encoders of 3 layers x 5 heads, width 80, the text Conv1d-only), a step of both its
+optimizers: the fused op is masked_cross_attention (the audio and vision encoders).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Wei et al., "Robust Multimodal Learning via Representation Decoupling", ECCV 2024. The
 behaviour reproduced is the official audio-visual code's (shicaiwei123/ECCV2024-DMRNet,
 "audio-visual classification/": main.py, models/basic_model.py, models/fusion_modules.py,
-utils/utils.py, at 8472850; docs/_fidelity_dmrnet.md has the table with file:line), generalised
+utils/utils.py, at 8472850; docs/fidelity.md has the table with file:line), generalised
 to any number M >= 1 of modalities:
 
     e_m   = present[:, m] Enc_m(zero_absent(x_m))            (B, hidden)   make_encoder

@@ -3,7 +3,7 @@
 Zeng, Mai, Yan, Hu, "Multimodal Reaction: Information Modulation for Cross-Modal
 Representation Learning", IEEE Transactions on Multimedia 2023. Reproduced from the official
 code, github.com/zengy268/MIM (train.py, modules/model.py, modules/transformer.py, utils/loss.py,
-README.md; file:line citations below and in docs/_fidelity_mim.md), generalised to any number
+README.md; file:line citations below and in docs/fidelity.md), generalised to any number
 M >= 1 of modalities of any lengths (vector views: L = 1):
 
   encoder, per modality (on the fused masked_cross_attention op):
@@ -62,7 +62,7 @@ gates_from_main=True (official, train.py:62-68, 140-150): the main terms use the
     autograd.grad and the main group's with backward, both from the same forward.
 
 Official settings (README.md:37-49 and the code) and where this implementation departs (the full
-table with file:line is docs/_fidelity_mim.md):
+table with file:line is docs/fidelity.md):
   - README.md:37-49 publishes global_configs.DefaultConfigs (the committed global_configs.py is
     blank): max_seq_length 50, lr 1e-5, d_l 80, n_epochs 100, train_batch_size 16, dev/test
     batch 128, bert-base-uncased, MOSI dims 768/74/47, MOSEI's visual 35 (README.md:51-54: only
@@ -326,7 +326,7 @@ class MIM(MultimodalModel):
     """MIM for M >= 1 modalities of shapes {name: (L_m, D_m)} (see the module docstring).
 
     Args (official values: the README's MOSI configuration and the code, file:line in
-    docs/_fidelity_mim.md; the registry's `mosi` preset has them):
+    docs/fidelity.md; the registry's `mosi` preset has them):
         modalities, task, num_classes: as MultimodalModel.
         hidden: token width H (official d_l 80, README.md:39). layers, heads: transformer
             layers per modality (0: none) and heads, H a multiple (official 3, 5).

@@ -138,7 +138,7 @@ _CYIN_HANDWRITTEN = {"epochs": 20, "stage_divide": 0.2, "batch_size": 128, "lr":
 # concatenated width, beta 0.2 = its CREMA-D script's); encoder widths are ours. The quirk
 # options are None: "as `official` says" (official=False: ours -- classifier dropout, PyTorch
 # init, AdamW, no lr decay, pooled warm-up statistic; official=True: none, xavier, SGD momentum
-# 0.9, StepLR 70 x 0.1, per-batch means; see models/dmrnet.py and docs/_fidelity_dmrnet.md).
+# 0.9, StepLR 70 x 0.1, per-batch means; see models/dmrnet.py and docs/fidelity.md).
 # (the defaults: models/dmrnet.py DMRNetConfig)
 # The official scripts' configurations ("audio-visual classification/cramed.sh:8", ks.sh:4, with
 # main.py's defaults), spelled out so they do not move with the defaults. The harness does not
@@ -157,7 +157,7 @@ _DMRNET_HANDWRITTEN = {**_HANDWRITTEN, "epochs": 30, "hidden": 64}
 # fusion; the UPN's bottleneck L // 5); widths, lr and epochs are ours (the official ones are in
 # _MIM_MOSI). The five departure options (stochastic_test, inter_weighting, gates_from_main,
 # mask_padding, mult_encoder) are None: "as `official` says" (models/mim.py,
-# docs/_fidelity_mim.md).
+# docs/fidelity.md).
 # pool_activation: the official `activate` is published nowhere (README.md:32-56 omits it).
 # (the defaults: models/mim.py MIMConfig)
 # MOSI: the official configuration, spelled out so it does not move with the defaults.
@@ -167,9 +167,11 @@ _DMRNET_HANDWRITTEN = {**_HANDWRITTEN, "epochs": 30, "hidden": 64}
 # relu = residual dropout 0.3, embedding dropout 0.2; model.py:65-69: the text gets the Conv1d
 # alone (after its BERT); model.py:134, 157, 173: the gate; train.py:75, 98: loss weights;
 # utils/loss.py:16: L1; train.py:62-68: Adam (AdamW, weight decay 0) at one lr for both
-# optimizers, no clipping; no missing modalities in training. With official=True this is the
-# official code (docs/_fidelity_mim.md lists what remains different).
-_MIM_MOSI = {"epochs": 100, "batch_size": 16, "lr": 1e-5, "gate_lr": None, "weight_decay": 0.0,
+# optimizers, no clipping; no missing modalities in training; official=True (the official
+# quirks: sampled test gates, the teacher weighting, gates on the main losses, MulT's encoder,
+# unmasked padding). This is the official code (docs/fidelity.md lists what remains different).
+_MIM_MOSI = {"official": True, "epochs": 100, "batch_size": 16, "lr": 1e-5, "gate_lr": None,
+             "weight_decay": 0.0,
              "grad_clip": 0.0, "modality_dropout": 0.0, "hidden": 80, "layers": 3, "heads": 5,
              "conv_kernel": 3, "dropout": 0.3, "attn_dropout": 0.5, "embed_dropout": 0.2,
              "conv_only": ["text"], "gate_bottleneck": None, "gate_bias": 3.0,

@@ -451,3 +451,23 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             assert h_ddp["valid"] == h_one["valid"]
             for k, v in h_one["train"].items():
                 assert h_ddp["train"][k] == pytest.approx(v, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["value", "norm"])
+def test_grad_clip_modes(mode):
+    """grad_clip_mode "value" is clip_grad_value_ (CyIN's: every entry in [-c, c]), "norm" is
+    clip_grad_norm_ (the total norm <= c); the gradients left after the step show it."""
+    from robustmm_fast.contract import ModelOutput
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    recipe = Recipe({"grad_clip": 0.01, "grad_clip_mode": mode, "lr": 1e-3})
+    x = torch.randn(16, 8) * 100
+    out = ModelOutput(losses={"task": model(x).square().mean()})
+    recipe.optimize(model, out, recipe.optimizers(model), epoch=0, step=0)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    if mode == "value":
+        assert grads.abs().max() <= 0.01 + 1e-9 and (grads.abs() == 0.01).any()
+    else:
+        assert grads.norm() == pytest.approx(0.01, rel=1e-4)
+    with pytest.raises(ValueError, match="grad_clip_mode"):
+        Recipe({"grad_clip_mode": "max"})

@@ -10,12 +10,15 @@ from .late_fusion import LateFusion
 
 __all__ = ["ModelOutput", "MultimodalModel", "task_loss", "zero_absent", "make_encoder",
            "EarlyFusion", "LateFusion", "UMEMMA", "UMEMMARecipe", "CyIN", "CyINRecipe", "DMRNet",
-           "DMRNetRecipe", "MIM", "MIMRecipe", "METHODS",
+           "DMRNetRecipe", "MIM", "MIMRecipe", "METHODS", "CyINConfig", "DMRNetConfig",
+           "MIMConfig", "UMEMMAConfig", "EarlyFusionConfig", "LateFusionConfig",
            "Method", "get_method", "default_config"]
 
 _LAZY = {"UMEMMA": "ume_mma", "UMEMMARecipe": "ume_mma", "CyIN": "cyin", "CyINRecipe": "cyin",
          "DMRNet": "dmrnet", "DMRNetRecipe": "dmrnet", "MIM": "mim", "MIMRecipe": "mim",
-         "METHODS": "registry", "Method": "registry", "get_method": "registry",
+         "CyINConfig": "cyin", "DMRNetConfig": "dmrnet", "MIMConfig": "mim",
+         "UMEMMAConfig": "ume_mma", "EarlyFusionConfig": "early_fusion",
+         "LateFusionConfig": "late_fusion", "METHODS": "registry", "Method": "registry", "get_method": "registry",
          "default_config": "registry"}
 
 

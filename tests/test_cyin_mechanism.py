@@ -93,6 +93,34 @@ def _stage2_selected(result):
 
 
 @torch.no_grad()
+def reconstruction_stats(model, ds) -> dict:
+    """{modality n: (mse, cos)} for the test split with n absent and the others present:
+    mse {"translation", "zero", "mean"} of the rebuilt z_n, the zero fill and the mean fill
+    (z_n averaged over the training split) against the true z_n (every modality present);
+    cos {"translation", "mean"} their mean cosine with it. (tools/cyin_mechanism_numbers.py
+    prints the same.)"""
+    train, test = ds.batch(ds.splits["train"]), ds.batch(ds.splits["test"])
+    z_train = model(train.inputs, train.present).extras["latents"]
+    z_test = model(test.inputs, test.present).extras["latents"]
+    stats = {}
+    for i, m in enumerate(ds.modalities):
+        present = torch.ones_like(test.present)
+        present[:, i] = False
+        out = model(test.inputs, present)
+        assert out.extras["available"][:, i].all()  # n enters fusion, reconstructed
+        rec, z = out.extras["reconstructed"][i], z_test[m]          # (B, 1, D)
+        assert rec.shape == z.shape
+        mean_fill = z_train[m].mean(0, keepdim=True).expand_as(z)
+        mse = {"translation": (rec - z).pow(2).mean().item(),
+               "zero": z.pow(2).mean().item(),
+               "mean": (mean_fill - z).pow(2).mean().item()}
+        cos = {"translation": F.cosine_similarity(rec, z, dim=-1).mean().item(),
+               "mean": F.cosine_similarity(mean_fill, z, dim=-1).mean().item()}
+        stats[m] = (mse, cos)
+    return stats
+
+
+@torch.no_grad()
 def test_translation_is_closer_to_the_true_latent_than_zero_or_mean_fill(trained):
     """For every test sample and modality n: make n absent (the others present) and compare
     CyIN's reconstruction of z_n (extras["reconstructed"][n]: the mean of the translations from
@@ -111,22 +139,7 @@ def test_translation_is_closer_to_the_true_latent_than_zero_or_mean_fill(trained
         _stage2_selected(result)
         model = result.model
         assert not model.training and not model.stochastic_test
-        train, test = ds.batch(ds.splits["train"]), ds.batch(ds.splits["test"])
-        z_train = model(train.inputs, train.present).extras["latents"]
-        z_test = model(test.inputs, test.present).extras["latents"]
-        for i, m in enumerate(ds.modalities):
-            present = torch.ones_like(test.present)
-            present[:, i] = False
-            out = model(test.inputs, present)
-            assert out.extras["available"][:, i].all()  # n enters fusion, reconstructed
-            rec, z = out.extras["reconstructed"][i], z_test[m]          # (B, 1, D)
-            assert rec.shape == z.shape
-            mean_fill = z_train[m].mean(0, keepdim=True).expand_as(z)
-            mse = {"translation": (rec - z).pow(2).mean().item(),
-                   "zero": z.pow(2).mean().item(),
-                   "mean": (mean_fill - z).pow(2).mean().item()}
-            cos = {"translation": F.cosine_similarity(rec, z, dim=-1).mean().item(),
-                   "mean": F.cosine_similarity(mean_fill, z, dim=-1).mean().item()}
+        for m, (mse, cos) in reconstruction_stats(model, ds).items():
             what = f"seed {seed}, modality {m}: MSE {mse}, cosine {cos}"
             assert mse["translation"] < 0.6 * mse["mean"], what
             assert mse["translation"] < 0.6 * mse["zero"], what
@@ -141,14 +154,8 @@ def test_translation_is_closer_to_the_true_latent_than_zero_or_mean_fill(trained
 def test_translation_cosine_above_half(trained):
     """mean cosine(translation, z_n) > 0.5 for every (seed, modality) (the zero fill's is 0)."""
     for seed, (ds, result, _) in trained.items():
-        model = result.model
-        test = ds.batch(ds.splits["test"])
-        z_test = model(test.inputs, test.present).extras["latents"]
-        for i, m in enumerate(ds.modalities):
-            present = torch.ones_like(test.present)
-            present[:, i] = False
-            rec = model(test.inputs, present).extras["reconstructed"][i]
-            cos = F.cosine_similarity(rec, z_test[m], dim=-1).mean().item()
+        for m, (_, cos) in reconstruction_stats(result.model, ds).items():
+            cos = cos["translation"]
             assert cos > 0.5, f"seed {seed}, modality {m}: cosine {cos}"
 
 

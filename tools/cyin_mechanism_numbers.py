@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from robustmm_fast.data.synthetic import make_synthetic
 from robustmm_fast.missing import random_missing
@@ -45,22 +44,10 @@ def main(argv):
         with_t = fit(get_method("cyin"), ds, config={**config, "translate": True}, seed=seed, progress=False)
         without = fit(get_method("cyin"), ds, config={**config, "translate": False}, seed=seed,
                       progress=False)
-        model = with_t.model
-        with torch.no_grad():
-            train, test = ds.batch(ds.splits["train"]), ds.batch(ds.splits["test"])
-            z_train = model(train.inputs, train.present).extras["latents"]
-            z_test = model(test.inputs, test.present).extras["latents"]
-            for i, m in enumerate(ds.modalities):
-                present = torch.ones_like(test.present)
-                present[:, i] = False
-                rec, z = model(test.inputs, present).extras["reconstructed"][i], z_test[m]
-                fill = z_train[m].mean(0, keepdim=True).expand_as(z)
-                t, zero, mean = ((rec - z).pow(2).mean(), z.pow(2).mean(),
-                                 (fill - z).pow(2).mean())
-                cos_t = F.cosine_similarity(rec, z, dim=-1).mean()
-                cos_m = F.cosine_similarity(fill, z, dim=-1).mean()
-                print(f"| {seed} | {m} | {t / mean:.3f} | {t / zero:.3f} | {cos_t:.3f} | "
-                      f"{cos_m:.3f} |")
+        for m, (mse, cos) in mech.reconstruction_stats(with_t.model, ds).items():
+            print(f"| {seed} | {m} | {mse['translation'] / mse['mean']:.3f} | "
+                  f"{mse['translation'] / mse['zero']:.3f} | {cos['translation']:.3f} | "
+                  f"{cos['mean']:.3f} |")
         mask = random_missing(ds.split_size("test"), ds.num_modalities, mech.ETA, seed)
         mae_t = evaluate(with_t.model, ds, "test", present=mask)["MAE"]
         mae_f = evaluate(without.model, ds, "test", present=mask)["MAE"]

@@ -13,13 +13,10 @@ reports them, plus the wall time. --reuse takes a variant's earlier results from
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from departures import pct, run_variant
 
 # name -> (--set overrides, what it measures)
 VARIANTS = {
@@ -40,38 +37,21 @@ VARIANTS = {
 }
 
 
-def command(seeds: str, out: Path, sets: list[str]) -> list[str]:
-    cmd = ["robustmm", "run", "--methods", "cyin", "--seeds", seeds, "--out", str(out),
-           "--protocol", "complete+subsets+eta:0.5", "--no-progress"]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
-
-
-def pct(ms: dict) -> str:
-    return f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f}"
+PROTOCOL = "complete+subsets+eta:0.5"
 
 
 def measure(seeds: str, out_root: Path, only: list[str], reuse: bool = False) -> list[dict]:
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, (sets, what) in VARIANTS.items():
         if only and name not in only:
             continue
-        out = out_root / name.replace("=", "-")
-        cmd = command(seeds, out, sets)
-        if reuse and (out / "wall.json").exists():
-            wall = json.loads((out / "wall.json").read_text())["wall_s"]
-        else:
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-            wall = time.perf_counter() - t0
-            (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
-        summary = json.loads((out / "results.json").read_text())["summary"]["cyin"]
+        result, wall, cmd = run_variant("cyin", PROTOCOL, seeds,
+                                        out_root / name.replace("=", "-"), sets, reuse)
+        summary = result["summary"]["cyin"]
         eta = next(v for k, v in summary.items() if k.startswith("eta"))
         rows.append({"name": name, "what": what, "complete": summary["complete"],
                      "subsets": summary["subset_mean"], "eta": eta, "wall": wall,
-                     "command": "OMP_NUM_THREADS=1 " + shlex.join(cmd)})
+                     "command": cmd})
         print(f"{name:24s} complete {pct(summary['complete'])}  subsets "
               f"{pct(summary['subset_mean'])}  eta 0.5 {pct(eta)}  ({wall:.0f} s)", flush=True)
     return rows

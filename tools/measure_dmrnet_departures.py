@@ -19,13 +19,10 @@ the weak/strong ratios (defaults and official=True).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from departures import pct, run_variant
 
 # name -> (--set overrides, what it measures)
 VARIANTS = {
@@ -50,14 +47,6 @@ VARIANTS = {
 # lr for e < 70), so the run is the defaults' bit for bit.
 
 
-def command(seeds: str, out: Path, sets: list[str]) -> list[str]:
-    cmd = ["robustmm", "run", "--methods", "dmrnet", "--seeds", seeds, "--out", str(out),
-           "--protocol", "complete+subsets", "--no-progress"]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
-
-
 def hard_sets(out: Path, seeds: list[int], names: list[str]) -> str:
     """The hard combination each seed's recipe fixed after the warm-up (from checkpoint.pt)."""
     import torch
@@ -72,31 +61,18 @@ def hard_sets(out: Path, seeds: list[int], names: list[str]) -> str:
     return " ".join(found)
 
 
-def pct(ms: dict) -> str:
-    return f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f}"
-
-
 def measure(seeds: str, out_root: Path, only: list[str], reuse: bool = False) -> list[dict]:
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, (sets, what) in VARIANTS.items():
         if only and name not in only:
             continue
-        out = out_root / name.replace(", ", "_").replace(" ", "-").replace("=", "-")
-        cmd = command(seeds, out, sets)
-        if reuse and (out / "wall.json").exists():
-            wall = json.loads((out / "wall.json").read_text())["wall_s"]
-        else:
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-            wall = time.perf_counter() - t0
-            (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
-        result = json.loads((out / "results.json").read_text())
+        out = out_root / name.replace(", ", "_").replace("=", "-")
+        result, wall, cmd = run_variant("dmrnet", "complete+subsets", seeds, out, sets, reuse)
         summary = result["summary"]["dmrnet"]
         rows.append({"name": name, "what": what, "complete": summary["complete"],
                      "subsets": summary["subset_mean"], "wall": wall,
                      "hard": hard_sets(out, result["meta"]["seeds"], result["meta"]["modalities"]),
-                     "command": "OMP_NUM_THREADS=1 " + shlex.join(cmd)})
+                     "command": cmd})
         print(f"{name:32s} complete {pct(summary['complete'])}  subsets "
               f"{pct(summary['subset_mean'])}  ({wall:.0f} s)", flush=True)
     return rows

@@ -111,7 +111,6 @@ class CyINConfig(TrainConfig):
     select_last, and TrainConfig's keys (official: AdamW lr 5e-4, weight decay 1e-3, batch 128,
     30 epochs, clip_grad_value_(5.0)).
     """
-    epochs: int = 30
     batch_size: int = 128
     lr: float = 5e-4
     weight_decay: float = 1e-3
@@ -451,10 +450,7 @@ class CyIN(MultimodalModel):
             zt, token_mask = self._translation_space(zs, valid)
             cyc = self.cycle(zt, present, token_mask)
             if self.training and stage == "stage2":
-                count = torch.zeros(M, present.shape[0], dtype=zt.dtype, device=zt.device) \
-                    .index_add(0, self.cycle.dst, present.t()[self.cycle.src].to(zt.dtype))
-                total = self._combination(cyc.translations, present, count, zt)
-                subs = self._substitute(cyc.translations, present, count, total)
+                subs = self._substitute(cyc.translations, present, cyc.sources, cyc.combined)
         others_on = (present.sum(1, keepdim=True) - present.long()) > 0       # (B, M)
         available = present | others_on if self.translate else present
 
@@ -500,15 +496,10 @@ class CyIN(MultimodalModel):
         return out
 
     def _combination(self, fwd: Tensor, present: Tensor, count: Tensor, zt: Tensor) -> Tensor:
-        """c_n (M, B, T, D): the combination (sum / mean) of the present sources' translations."""
-        M = len(self.names)
-        tail = (1,) * (zt.dim() - 2)
-        src_on = present.t()[self.cycle.src]                                # (P, B)
-        used = torch.where(src_on.view(*src_on.shape, *tail), fwd, 0)
-        total = torch.zeros_like(zt).index_add(0, self.cycle.dst, used)
-        if self.combine == "mean":
-            total = total / count.clamp_min(1).view(M, -1, *tail)
-        return total
+        """c_n (M, B, T, D): the combination (sum / mean) of the present sources' translations
+        (CycleConsistency's rule; forward reads it from the layer's output)."""
+        return self.cycle._combine(fwd, present.t()[self.cycle.src], self.cycle.dst, count, zt,
+                                   (1,) * (zt.dim() - 2))
 
 
 class CyINRecipe(Recipe):

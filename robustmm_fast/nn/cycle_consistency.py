@@ -22,6 +22,8 @@ class CycleOutput(NamedTuple):
     forward_term: Tensor   # unweighted forward term, reduced as loss, detached
     cycle_term: Tensor     # unweighted cycle term, reduced as loss, detached
     translations: Tensor   # (P, B, ..., D): G_{m->n}(z_m) of every pair (absent sources too)
+    combined: Tensor       # (M, B, ..., D): c_n, the combination of the present sources' translations
+    sources: Tensor        # (M, B): how many present sources each c_n combines
 
 
 class CycleConsistency(nn.Module):
@@ -138,12 +140,12 @@ class CycleConsistency(nn.Module):
         rows_loss, f_rows, c_rows = cycle_reconstruction_loss(
             *args, mask=mask, return_terms=True, **{**self.loss_args, "reduction": "none"})
         if reduction == "none":
-            return CycleOutput(rows_loss, reconstructed, f_rows, c_rows, fwd)
+            return CycleOutput(rows_loss, reconstructed, f_rows, c_rows, fwd, total, count)
         included = mask.expand(rows_loss.shape)
         reduce = self._per_term if self.objective == "cyin" else self._per_group
         loss, forward_term, cycle_term = (reduce(x, included, reduction)
                                           for x in (rows_loss, f_rows, c_rows))
-        return CycleOutput(loss, reconstructed, forward_term, cycle_term, fwd)
+        return CycleOutput(loss, reconstructed, forward_term, cycle_term, fwd, total, count)
 
     def _combine(self, parts: Tensor, part_on: Tensor, index: Tensor, count: Tensor, z: Tensor,
                  tail: tuple) -> Tensor:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BACKENDS", "backends", "use_backend", "resolve", "last_backend", "backend_calls"]
+__all__ = ["BACKENDS", "backends", "use_backend", "choose", "record", "last_backend",
+           "backend_calls", "backward_calls", "LIMITATIONS"]
 
 log = logging.getLogger("robustmm_fast")
 
@@ -36,10 +37,11 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 _CHOICES = ("auto",) + BACKENDS
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("robustmm_backend", default=None)
 
-# op name -> backend that ran its last call, and a count per (op, backend): tests use these to
-# prove that the backend they name really ran.
+# op name -> backend that ran its last call, and counts per (op, backend): tests use these to
+# prove that the backend they name really ran (forward and backward alike).
 _last: dict[str, str] = {}
 backend_calls: Counter = Counter()
+backward_calls: Counter = Counter()
 _logged_fallbacks: set = set()  # auto's fallbacks are logged once each
 
 
@@ -152,36 +154,62 @@ def requested_backend() -> str:
     return name
 
 
-def resolve(op: str, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
-    """Pick the backend that runs `op` on tensors of `device`, and record the choice.
+# (op, backend, device type, dtype) combinations a backend does not run, and why: `auto` skips
+# them, an explicit request raises with the reason, and `robustmm info` lists them.
+LIMITATIONS: dict[tuple[str, str, str, torch.dtype], str] = {
+    ("masked_attention", "triton", "cuda", torch.float64):
+        "Triton compiles no float64 tl.dot at these tile sizes for sm_80/sm_90 (Triton 3.6-3.9: "
+        "'Currently fp64 don't support largeK MMA'); float64 attention on CUDA runs the reference",
+}
 
-    `implemented` lists the backends that have a kernel for this op.
+
+def _limitation(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str | None:
+    return LIMITATIONS.get((op, backend, device_type, dtype))
+
+
+@torch.compiler.assume_constant_result
+def choose(op: str, device_type: str, dtype: torch.dtype,
+           implemented: tuple[str, ...] = BACKENDS) -> str:
+    """The backend that runs `op` on tensors of `device_type` and `dtype`, from use_backend /
+    ROBUSTMM_BACKEND / auto. Records nothing: the kernels record what ran (`record`).
+
+    Ops call it once, in the forward, and hand the name to the backward, so the backward runs
+    on the forward's backend wherever and on whichever thread autograd runs it. Under
+    torch.compile it is evaluated when the graph is traced and the choice is part of the graph
+    (a later use_backend does not retrace it: compile inside the block you mean).
     """
+    device = torch.device(device_type)
     name = requested_backend()
     if name != "auto":
         missing = name not in implemented
         why = f"op {op!r} has no {name} kernel (it has {', '.join(implemented)})" if missing \
-            else _unavailable_reason(name, device, op)
+            else (_limitation(op, name, device_type, dtype) or _unavailable_reason(name, device, op))
         if why is not None:
-            fix = "" if missing else _FIX.get(name, "")
+            fix = "" if missing or _limitation(op, name, device_type, dtype) else _FIX.get(name, "")
             raise RuntimeError(f"robustmm_fast: backend {name!r} was requested for {op} but is "
                                f"unavailable: {why}." + (f" To fix: {fix}." if fix else ""))
-    else:
-        order = ("cpp",) if device.type == "cpu" else ("cuda", "triton")
-        name = "reference"
-        for candidate in order:
-            if candidate not in implemented:
-                continue
-            why = _unavailable_reason(candidate, device, op)
-            if why is None:
-                name = candidate
-                break
-            if (op, candidate, device.type) not in _logged_fallbacks:
-                _logged_fallbacks.add((op, candidate, device.type))
-                log.debug("robustmm_fast: %s falls back from %s: %s", op, candidate, why)
-    _last[op] = name
-    backend_calls[(op, name)] += 1
-    return name
+        return name
+    order = ("cpp",) if device_type == "cpu" else ("cuda", "triton")
+    for candidate in order:
+        if candidate not in implemented:
+            continue
+        why = _limitation(op, candidate, device_type, dtype) \
+            or _unavailable_reason(candidate, device, op)
+        if why is None:
+            return candidate
+        if (op, candidate, device_type, dtype) not in _logged_fallbacks:
+            _logged_fallbacks.add((op, candidate, device_type, dtype))
+            log.debug("robustmm_fast: %s falls back from %s: %s", op, candidate, why)
+    return "reference"
+
+
+def record(op: str, backend: str, backward: bool = False) -> None:
+    """Called by each kernel call: `backend_calls` counts forward and backward calls of `op` on
+    `backend` together, `backward_calls` the backward ones alone; `last_backend` is the last."""
+    _last[op] = backend
+    backend_calls[(op, backend)] += 1
+    if backward:
+        backward_calls[(op, backend)] += 1
 
 
 def last_backend(op: str) -> str | None:
@@ -191,7 +219,10 @@ def last_backend(op: str) -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the block on backend `name` ('auto', 'reference', 'cpp', 'cuda', 'triton')."""
+    """Run the ops called inside the block on backend `name` ('auto', 'reference', 'cpp', 'cuda',
+    'triton'). The choice is made at each op's forward; its backward runs on the same backend
+    even when `.backward()` is called after the block. Under torch.compile the backend in effect
+    when the graph is traced is compiled in."""
     name = name.strip().lower()
     if name not in _CHOICES:
         raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")

@@ -102,6 +102,15 @@ def assert_inert(clean, poisoned):
         assert torch.equal(g1[n], g2[n]), n
 
 
+def opcheck_kernel_op(op, args) -> None:
+    """torch.library.opcheck of one of our forward/backward custom ops, with its tensors
+    detached: those ops are the kernels under the one autograd.Function (ops/_autograd.py) and
+    have no autograd formula of their own, so opcheck's autograd-registration check does not
+    apply to them (the Function's gradients are checked through the public functions)."""
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)
+
+
 @contextlib.contextmanager
 def run_on(backend: str, op: str = "reparam_kl"):
     """Run the block with ``robustmm_fast.use_backend(backend)``; afterwards assert that `op`

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from robustmm_fast import reference as ref
 from robustmm_fast.ops import cycle_reconstruction_loss
 
-from conftest import LOW_PRECISION, assert_close_dtype, require_cpp, run_on
+from conftest import assert_close_dtype, LOW_PRECISION, opcheck_kernel_op, require_cpp, run_on
 
 OP = "cycle_loss"
 DISTANCES = ("mse", "l1", "smooth_l1", "cosine")
@@ -332,8 +332,10 @@ def _opcheck_samples():
 def test_opcheck_forward(backend, sample_idx):
     xs, m, code = _opcheck_samples()[sample_idx]
     with run_on(backend, OP):
-        torch.library.opcheck(torch.ops.robustmm.cycle_loss_forward, (*xs, m, code, 0.5, True))
-        torch.library.opcheck(torch.ops.robustmm.cycle_loss_forward, (*xs, m, code, 0.5, False))
+        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward,
+                              (backend, *xs, m, code, 0.5, True))
+        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward,
+                              (backend, *xs, m, code, 0.5, False))
 
 
 @pytest.mark.parametrize("need_grad", (15, 1, 2, 10))
@@ -341,11 +343,11 @@ def test_opcheck_forward(backend, sample_idx):
 def test_opcheck_backward(backend, sample_idx, need_grad):
     xs, m, code = _opcheck_samples()[sample_idx]
     with torch.no_grad():
-        _, *grads = torch.ops.robustmm.cycle_loss_forward(*xs, m, code, 0.5, True)
+        _, *grads = torch.ops.robustmm.cycle_loss_forward(backend, *xs, m, code, 0.5, True)
     grad_terms = torch.randn((2, *xs[0].shape[:-1]), dtype=grads[0].dtype)
     with run_on(backend, OP):
-        torch.library.opcheck(torch.ops.robustmm.cycle_loss_backward,
-                              (grad_terms, *grads, m, code, need_grad, xs[0].dtype))
+        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_backward,
+                              (backend, grad_terms, *grads, m, code, need_grad, xs[0].dtype))
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -21,7 +21,8 @@ from robustmm_fast import reference as ref
 from robustmm_fast.ops import cycle_reconstruction_loss
 from robustmm_fast.ops.cycle_loss import DISTANCE_CODES, _kernel, _ReferenceKernel
 
-from conftest import assert_close_dtype, late_copies_on_side_stream, require_cpp, run_on
+from conftest import (assert_close_dtype, late_copies_on_side_stream, opcheck_kernel_op,
+                      require_cpp, run_on)
 from test_cycle_loss import (DISTANCES, DTYPE_IDS, MASKS, NAMES, OP, REDUCTIONS, REQUIRES,
                              _loss_fn, _opcheck_samples, make_inputs, poison)
 
@@ -349,8 +350,10 @@ def _opcheck_samples_gpu(sample_idx):
 def test_opcheck_forward(gpu_backend, sample_idx):
     xs, m, code = _opcheck_samples_gpu(sample_idx)
     with run_on(gpu_backend, OP):
-        torch.library.opcheck(torch.ops.robustmm.cycle_loss_forward, (*xs, m, code, 0.5, True))
-        torch.library.opcheck(torch.ops.robustmm.cycle_loss_forward, (*xs, m, code, 0.5, False))
+        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward,
+                              (gpu_backend, *xs, m, code, 0.5, True))
+        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward,
+                              (gpu_backend, *xs, m, code, 0.5, False))
 
 
 @pytest.mark.parametrize("need_grad", (15, 1, 2, 10))
@@ -358,11 +361,11 @@ def test_opcheck_forward(gpu_backend, sample_idx):
 def test_opcheck_backward(gpu_backend, sample_idx, need_grad):
     xs, m, code = _opcheck_samples_gpu(sample_idx)
     with torch.no_grad(), run_on(gpu_backend, OP):
-        _, *grads = torch.ops.robustmm.cycle_loss_forward(*xs, m, code, 0.5, True)
+        _, *grads = torch.ops.robustmm.cycle_loss_forward(gpu_backend, *xs, m, code, 0.5, True)
     grad_terms = torch.randn((2, *xs[0].shape[:-1]), dtype=grads[0].dtype, device=DEV)
     with run_on(gpu_backend, OP):
-        torch.library.opcheck(torch.ops.robustmm.cycle_loss_backward,
-                              (grad_terms, *grads, m, code, need_grad, xs[0].dtype))
+        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_backward,
+                              (gpu_backend, grad_terms, *grads, m, code, need_grad, xs[0].dtype))
 
 
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from robustmm_fast.ops.masked_attention import masked_cross_attention
 from robustmm_fast.reference import masked_attention as ref
 
-from conftest import LOW_PRECISION, assert_close_dtype, run_on
+from conftest import assert_close_dtype, LOW_PRECISION, opcheck_kernel_op, run_on
 
 OP = "masked_attention"
 DTYPE_IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -193,12 +193,13 @@ def test_opcheck(backend, dropout_p):
     keep = ref.key_keep_mask(q.shape[0], k.shape[2], present, lengths, None, q.device)
     seed = torch.tensor(1234, dtype=torch.int64)
     with run_on(backend, OP):
-        torch.library.opcheck(torch.ops.robustmm.masked_attention_forward,
-                              (*xs, keep, False, dropout_p, 0.2, seed))
-        out, lse = torch.ops.robustmm.masked_attention_forward(*xs, keep, False, dropout_p, 0.2, seed)
-        torch.library.opcheck(torch.ops.robustmm.masked_attention_backward,
-                              (torch.randn_like(out), *[x.detach() for x in xs], out.detach(),
-                               lse, keep, False, dropout_p, 0.2, seed))
+        opcheck_kernel_op(torch.ops.robustmm.masked_attention_forward,
+                              (backend, *xs, keep, False, dropout_p, 0.2, seed))
+        out, lse = torch.ops.robustmm.masked_attention_forward(backend, *xs, keep, False,
+                                                               dropout_p, 0.2, seed)
+        opcheck_kernel_op(torch.ops.robustmm.masked_attention_backward,
+                              (backend, torch.randn_like(out), *[x.detach() for x in xs],
+                               out.detach(), lse, keep, False, dropout_p, 0.2, seed))
 
 
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))

@@ -31,8 +31,8 @@ from robustmm_fast.reference import masked_attention as ref
 
 import test_masked_attention as tma
 from attention_oracles import allowed_of, eager_lowp
-from conftest import (LOW_PRECISION, assert_close_dtype, late_copies_on_side_stream, require_cpp,
-                      run_on)
+from conftest import (LOW_PRECISION, assert_close_dtype, late_copies_on_side_stream,
+                      opcheck_kernel_op, require_cpp, run_on)
 from test_masked_attention import DTYPE_IDS, OP, PRESENCE, make_inputs, poison, run
 from test_masked_attention_layers import E, LENGTHS, _assert_same, _expand, _grads, _pair, _present, _qkv
 
@@ -352,12 +352,12 @@ def test_opcheck(sample_idx, dropout_p):
     seed = torch.tensor(1234, dtype=torch.int64)
     args = (keep, causal, dropout_p, 0.2, seed)
     with run_on("triton", OP):
-        torch.library.opcheck(torch.ops.robustmm.masked_attention_forward, (*xs, *args))
-        out, lse = torch.ops.robustmm.masked_attention_forward(*xs, *args)
+        opcheck_kernel_op(torch.ops.robustmm.masked_attention_forward, ("triton", *xs, *args))
+        out, lse = torch.ops.robustmm.masked_attention_forward("triton", *xs, *args)
         assert out.device.type == DEV.type and lse.dtype == torch.float32
-        torch.library.opcheck(torch.ops.robustmm.masked_attention_backward,
-                              (torch.randn_like(out), *[x.detach() for x in xs], out.detach(),
-                               lse, *args))
+        opcheck_kernel_op(torch.ops.robustmm.masked_attention_backward,
+                              ("triton", torch.randn_like(out), *[x.detach() for x in xs],
+                               out.detach(), lse, *args))
 
 
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))

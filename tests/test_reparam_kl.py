@@ -13,7 +13,7 @@ from robustmm_fast import reference as ref
 from robustmm_fast.ops import reparameterize_kl
 from robustmm_fast.reference.philox import philox_randn
 
-from conftest import LOW_PRECISION, assert_close_dtype, require_cpp, run_on
+from conftest import assert_close_dtype, LOW_PRECISION, opcheck_kernel_op, require_cpp, run_on
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -440,7 +440,7 @@ def test_empty_batch(backend, shape, reduction, use_mask):
 # ---------------------------------------------------------------- in-kernel eps (Philox)
 
 def _replay_seed(s: int) -> int:
-    """The seed reparameterize_kl draws after torch.manual_seed(s) (ops.reparam_kl._draw_seed)."""
+    """The seed reparameterize_kl draws after torch.manual_seed(s) (ops/_random.draw_seed)."""
     torch.manual_seed(s)
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
@@ -666,7 +666,7 @@ def _opcheck_samples():
 def test_opcheck_forward(backend, sample_idx):
     args = _opcheck_samples()[sample_idx]
     with run_on(backend):
-        torch.library.opcheck(torch.ops.robustmm.reparam_kl_forward, args)
+        opcheck_kernel_op(torch.ops.robustmm.reparam_kl_forward, (backend, *args))
 
 
 @pytest.mark.parametrize("need_grad_eps,need_grad_prior", ((False, False), (True, True)))
@@ -678,10 +678,10 @@ def test_opcheck_backward(backend, sample_idx, need_grad_eps, need_grad_prior):
     acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
     grad_z = torch.randn(mu.shape, dtype=mu.dtype)
     grad_kl = torch.randn(mu.shape[:-1], dtype=acc)
-    args = (grad_z, grad_kl, d(mu), d(lv), d(eps), d(pm), d(plv), mask, seed, noise,
+    args = (backend, grad_z, grad_kl, d(mu), d(lv), d(eps), d(pm), d(plv), mask, seed, noise,
             need_grad_eps, need_grad_prior)
     with run_on(backend):
-        torch.library.opcheck(torch.ops.robustmm.reparam_kl_backward, args)
+        opcheck_kernel_op(torch.ops.robustmm.reparam_kl_backward, args)
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -115,7 +115,7 @@ def oracle_eps(seed, first, n):
 
 
 def seed_from_manual_seed(s):
-    """The seed reparameterize_kl draws after torch.manual_seed(s) (ops/reparam_kl._draw_seed)."""
+    """The seed reparameterize_kl draws after torch.manual_seed(s) (ops/_random.draw_seed)."""
     torch.manual_seed(s)
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 

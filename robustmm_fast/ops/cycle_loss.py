@@ -20,10 +20,10 @@ For the first three dd/db = -dd/da. Two custom ops carry it:
 - ``robustmm::cycle_loss_backward`` scales them by the upstream gradient of each row's term:
   grad_input[r, :] = grad_terms[k, r] * G[r, :]. No other intermediate tensor exists.
 
-The reduction (mean over included rows, sum, none) and the weights act on the (2, rows) terms
-in plain autograd, so the backward op always receives a per-row upstream gradient. In eager
-mode on the C++ backend (float32/float64) the backward scales the derivative buffers in place
-(``robustmm_C::cycle_loss_scale_``) and hands them on as the gradients.
+Both take the backend chosen at the forward; one autograd.Function calls them
+(ops/_autograd.py). The reduction (mean over included rows, sum, none) and the weights act on
+the (2, rows) terms in plain autograd, so the backward op always receives a per-row upstream
+gradient.
 """
 from __future__ import annotations
 
@@ -32,12 +32,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from ..reference import cycle_loss as _ref
+from ._autograd import autocast_inputs, autocast_off, fused_function, register_folded_vmap
 from ._checks import check_choice, check_float_tensor, check_like, check_tensor
-from ._eager import eager_fast_path
 
 __all__ = ["cycle_reconstruction_loss", "DISTANCE_CODES"]
 
@@ -107,22 +106,62 @@ def _kernel(backend: str):
     return _ReferenceKernel
 
 
-# ---- the op's two halves, shared by the custom ops and the eager fast path ----
+# ---- custom ops: the kernels of the backend chosen at the forward ----
 
-def _forward_impl(forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad):
-    kernel = _kernel(_backend.resolve(OP, forward_pred.device))
-    return kernel.cycle_loss_forward(forward_pred, target, cycle_pred, source, mask, distance,
-                                     beta, need_grad)
+@torch.library.custom_op("robustmm::cycle_loss_forward", mutates_args=())
+def cycle_loss_forward(backend: str, forward_pred: Tensor, target: Tensor, cycle_pred: Tensor,
+                       source: Tensor, mask: Optional[Tensor], distance: int, beta: float,
+                       need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(terms, grad_forward, grad_target, grad_cycle, grad_source).
+
+    terms: (2, ...) per-row forward and cycle distances (float32; float64 for float64), 0 at
+    excluded rows. grad_*: each row distance's derivative with respect to that input, same
+    dtype, 0 at excluded rows; numel 0 when need_grad is False, and grad_target / grad_source
+    numel 0 for the symmetric distances (their derivative is -grad_forward / -grad_cycle).
+    """
+    _backend.record(OP, backend)
+    return _kernel(backend).cycle_loss_forward(forward_pred, target, cycle_pred, source, mask,
+                                               distance, beta, need_grad)
 
 
-def _backward_impl(grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask, distance,
-                   need_grad, dtype):
-    kernel = _kernel(_backend.resolve(OP, grad_forward.device))
-    return kernel.cycle_loss_backward(grad_terms, grad_forward, grad_target, grad_cycle,
-                                      grad_source, mask, distance, need_grad, dtype)
+@cycle_loss_forward.register_fake
+def _(backend, forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad):
+    acc = _ref.acc_dtype(forward_pred.dtype)
+    terms = forward_pred.new_empty((2, *forward_pred.shape[:-1]), dtype=acc)
+    full = lambda: forward_pred.new_empty(forward_pred.shape, dtype=acc)  # noqa: E731
+    empty = lambda: forward_pred.new_empty(0, dtype=acc)  # noqa: E731
+    if not need_grad:
+        return terms, empty(), empty(), empty(), empty()
+    both = distance == COSINE
+    return terms, full(), full() if both else empty(), full(), full() if both else empty()
 
+
+@torch.library.custom_op("robustmm::cycle_loss_backward", mutates_args=())
+def cycle_loss_backward(backend: str, grad_terms: Tensor, grad_forward: Tensor,
+                        grad_target: Tensor, grad_cycle: Tensor, grad_source: Tensor,
+                        mask: Optional[Tensor], distance: int, need_grad: int,
+                        dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d forward_pred, d target, d cycle_pred, d source) in `dtype`: grad_terms[k, r] times the
+    stored derivatives of row r (k = 0 forward, 1 cycle). An input whose need_grad bit (1, 2,
+    4, 8 in that order) is clear gets a numel-0 tensor."""
+    _backend.record(OP, backend, backward=True)
+    return tuple(_kernel(backend).cycle_loss_backward(grad_terms, grad_forward, grad_target,
+                                                      grad_cycle, grad_source, mask, distance,
+                                                      need_grad, dtype))
+
+
+@cycle_loss_backward.register_fake
+def _(backend, grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask, distance,
+      need_grad, dtype):
+    shape = grad_forward.shape
+    return tuple(grad_forward.new_empty(shape if need_grad & bit else (0,), dtype=dtype)
+                 for bit in (NEED_FORWARD_PRED, NEED_TARGET, NEED_CYCLE_PRED, NEED_SOURCE))
+
+
+# ---- autograd ----
 
 def _need_bits(need) -> int:
+    """need_grad bits from needs_input_grad of (forward_pred, target, cycle_pred, source)."""
     return ((NEED_FORWARD_PRED if need[0] else 0) | (NEED_TARGET if need[1] else 0)
             | (NEED_CYCLE_PRED if need[2] else 0) | (NEED_SOURCE if need[3] else 0))
 
@@ -137,130 +176,25 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_terms, *_unused):
-    need_grad = _need_bits(ctx.needs_input_grad)
+def _backward(ctx, backward_op, grad_terms, *_unused):
+    need = ctx.needs_input_grad[1:5]  # [0] is the backend
+    need_grad = _need_bits(need)
     if grad_terms is None or not need_grad:
         return (None,) * 8
     *grads, mask = ctx.saved_tensors
     if not ctx.need_grad:
-        grads = cycle_loss_forward(*ctx.inputs, mask, ctx.distance, ctx.beta, True)[1:]
-    grads = cycle_loss_backward(grad_terms.contiguous(), *grads, mask, ctx.distance, need_grad,
-                                ctx.dtype)
-    return (*(g if ctx.needs_input_grad[i] else None for i, g in enumerate(grads)),
-            None, None, None, None)
+        grads = _FORWARD(ctx.backend, *ctx.inputs, mask, ctx.distance, ctx.beta, True)[1:]
+    grads = backward_op(grad_terms.contiguous(), *grads, mask, ctx.distance, need_grad,
+                        ctx.dtype)
+    return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None)
 
 
-# ---- custom ops ----
-
-@torch.library.custom_op("robustmm::cycle_loss_forward", mutates_args=())
-def cycle_loss_forward(forward_pred: Tensor, target: Tensor, cycle_pred: Tensor, source: Tensor,
-                       mask: Optional[Tensor], distance: int, beta: float,
-                       need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(terms, grad_forward, grad_target, grad_cycle, grad_source).
-
-    terms: (2, ...) per-row forward and cycle distances (float32; float64 for float64), 0 at
-    excluded rows. grad_*: each row distance's derivative with respect to that input, same
-    dtype, 0 at excluded rows; numel 0 when need_grad is False, and grad_target / grad_source
-    numel 0 for the symmetric distances (their derivative is -grad_forward / -grad_cycle).
-    """
-    return _forward_impl(forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad)
-
-
-@cycle_loss_forward.register_fake
-def _(forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad):
-    acc = _ref.acc_dtype(forward_pred.dtype)
-    terms = forward_pred.new_empty((2, *forward_pred.shape[:-1]), dtype=acc)
-    full = lambda: forward_pred.new_empty(forward_pred.shape, dtype=acc)  # noqa: E731
-    empty = lambda: forward_pred.new_empty(0, dtype=acc)  # noqa: E731
-    if not need_grad:
-        return terms, empty(), empty(), empty(), empty()
-    both = distance == COSINE
-    return terms, full(), full() if both else empty(), full(), full() if both else empty()
-
-
-@torch.library.custom_op("robustmm::cycle_loss_backward", mutates_args=())
-def cycle_loss_backward(grad_terms: Tensor, grad_forward: Tensor, grad_target: Tensor,
-                        grad_cycle: Tensor, grad_source: Tensor, mask: Optional[Tensor],
-                        distance: int, need_grad: int,
-                        dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(d forward_pred, d target, d cycle_pred, d source) in `dtype`: grad_terms[k, r] times the
-    stored derivatives of row r (k = 0 forward, 1 cycle). An input whose need_grad bit (1, 2,
-    4, 8 in that order) is clear gets a numel-0 tensor."""
-    return _backward_impl(grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask,
-                          distance, need_grad, dtype)
-
-
-@cycle_loss_backward.register_fake
-def _(grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask, distance, need_grad,
-      dtype):
-    shape = grad_forward.shape
-    return tuple(grad_forward.new_empty(shape if need_grad & bit else (0,), dtype=dtype)
-                 for bit in (NEED_FORWARD_PRED, NEED_TARGET, NEED_CYCLE_PRED, NEED_SOURCE))
-
-
-cycle_loss_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---- eager fast path ----
-
-def _scale_in_place(grad_terms, grads, mask, distance, need_grad):
-    """The C++ backward in place (float32/float64): the forward's derivative buffers become the
-    gradients, so only a symmetric distance's second gradient is allocated."""
-    buffers = list(grads)
-    outs: list[Optional[Tensor]] = [None] * 4
-    for first, second in ((0, 1), (2, 3)):
-        want_first, want_second = need_grad >> first & 1, need_grad >> second & 1
-        if distance == COSINE:
-            outs[first] = buffers[first] if want_first else None
-            outs[second] = buffers[second] if want_second else None
-        elif want_first and want_second:
-            buffers[second] = torch.empty_like(buffers[first])
-            outs[first], outs[second] = buffers[first], buffers[second]
-        elif want_first:
-            outs[first] = buffers[first]
-        elif want_second:  # the kernel negates the first buffer in place
-            outs[second] = buffers[first]
-    torch.ops.robustmm_C.cycle_loss_scale_(grad_terms, *buffers, mask, distance, need_grad)
-    return outs
-
-
-class _EagerCycleLoss(torch.autograd.Function):
-    """The custom ops' forward and backward without their dispatch (about 0.1 ms a call), for
-    plain tensors in eager mode; under torch.compile, fake tensors, functorch transforms or
-    tensor subclasses the custom ops run instead (see ops/_eager.py).
-
-    The derivative buffers are kept on ctx, not saved as outputs, so that the backward can hand
-    them on as the gradients after scaling them in place (C++ backend, float32/float64): no
-    gradient-sized tensor is allocated for them again. A second backward through the same graph
-    (retain_graph=True) finds them gone and recomputes them from the saved inputs."""
-
-    @staticmethod
-    def forward(ctx, forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad):
-        terms, *grads = _forward_impl(forward_pred, target, cycle_pred, source, mask, distance,
-                                      beta, need_grad)
-        ctx.save_for_backward(forward_pred, target, cycle_pred, source)
-        ctx.grads, ctx.mask, ctx.distance, ctx.beta = grads, mask, distance, beta
-        ctx.numel, ctx.dtype = forward_pred.numel(), forward_pred.dtype
-        return terms
-
-    @staticmethod
-    @once_differentiable  # no double backward: say so instead of returning zeros
-    def backward(ctx, grad_terms):
-        need = ctx.needs_input_grad
-        need_grad = _need_bits(need)
-        if not need_grad:
-            return (None,) * 8
-        grads, ctx.grads = ctx.grads, None
-        if grads is None or grads[0].numel() != ctx.numel:  # handed out earlier, or never made
-            grads = _forward_impl(*ctx.saved_tensors, ctx.mask, ctx.distance, ctx.beta, True)[1:]
-        grad_terms = grad_terms.contiguous()
-        backend = _backend.resolve(OP, grads[0].device)
-        if backend == "cpp" and ctx.dtype in (torch.float32, torch.float64):
-            outs = _scale_in_place(grad_terms, grads, ctx.mask, ctx.distance, need_grad)
-        else:
-            outs = _kernel(backend).cycle_loss_backward(grad_terms, *grads, ctx.mask,
-                                                        ctx.distance, need_grad, ctx.dtype)
-        return (*(g if need[i] else None for i, g in enumerate(outs)), None, None, None, None)
+_FORWARD = torch.ops.robustmm.cycle_loss_forward.default
+# the vmapped dim is one more leading (row) dim; in the (2, ...) terms it is dim 1
+register_folded_vmap(cycle_loss_forward, "-rrrrr---", "trrrr")
+register_folded_vmap(cycle_loss_backward, "-trrrrr---", "rrrr")
+_CycleLoss = fused_function("CycleLoss", cycle_loss_forward, cycle_loss_backward, _setup_context,
+                            _backward)
 
 
 # ---- public entry point ----
@@ -321,8 +255,26 @@ def cycle_reconstruction_loss(forward_pred: Tensor, target: Tensor, cycle_pred: 
     Returns:
         ``loss`` in the inputs' dtype (accumulated in float32/float64), or
         ``(loss, forward_term, cycle_term)`` with ``return_terms=True``.
+
+    Under ``torch.autocast`` the four inputs are cast to the autocast dtype first (as for
+    SDPA), so float32 targets go with bfloat16 predictions; float64 ones stay float64.
     """
     check_float_tensor(forward_pred, "forward_pred")
+    device = forward_pred.device.type
+    if torch.is_autocast_enabled(device):
+        forward_pred, target, cycle_pred, source = autocast_inputs(
+            device, forward_pred, target, cycle_pred, source)
+        with autocast_off(device):
+            return _cycle_reconstruction_loss(forward_pred, target, cycle_pred, source, mask,
+                                              distance, forward_weight, cycle_weight, reduction,
+                                              return_terms, beta)
+    return _cycle_reconstruction_loss(forward_pred, target, cycle_pred, source, mask, distance,
+                                      forward_weight, cycle_weight, reduction, return_terms, beta)
+
+
+def _cycle_reconstruction_loss(forward_pred, target, cycle_pred, source, mask, distance,
+                               forward_weight, cycle_weight, reduction, return_terms, beta):
+    """cycle_reconstruction_loss after autocast's casts."""
     for name, t in (("target", target), ("cycle_pred", cycle_pred), ("source", source)):
         check_like(t, name, forward_pred, "forward_pred")
     if forward_pred.dim() < 1 or forward_pred.shape[-1] == 0:
@@ -343,11 +295,8 @@ def cycle_reconstruction_loss(forward_pred: Tensor, target: Tensor, cycle_pred: 
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     # smooth_l1 with beta 0 is l1 (as in torch), so kernels may divide by beta
     code = DISTANCE_CODES["l1" if distance == "smooth_l1" and beta == 0.0 else distance]
-    args = (*inputs, mask, code, beta, need_grad)
-    if eager_fast_path(*inputs, mask):
-        terms = _EagerCycleLoss.apply(*args)
-    else:
-        terms = cycle_loss_forward(*args)[0]
+    backend = _backend.choose(OP, forward_pred.device.type, forward_pred.dtype)
+    terms = _CycleLoss.apply(backend, *inputs, mask, code, beta, need_grad)[0]
     terms = _ref.reduce_terms(terms, mask, reduction)
     loss = (forward_weight * terms[0] + cycle_weight * terms[1]).to(forward_pred.dtype)
     if not return_terms:

@@ -10,7 +10,8 @@ Backward (P = softmax with dropout Z/(1-p), dO the upstream gradient, D_i = sum_
     dV = P^T dO,   dP = dO V^T,   dS = P_nodrop * (dP * Z/(1-p) - D),   dQ = scale dS K,
     dK = scale dS^T Q
 
-Two custom ops carry it: ``robustmm::masked_attention_forward`` -> (out, lse) and
+Two custom ops carry it, each taking the backend chosen at the forward (one autograd.Function
+calls them, ops/_autograd.py): ``robustmm::masked_attention_forward`` -> (out, lse) and
 ``robustmm::masked_attention_backward`` -> (dq, dk, dv), which recomputes the scores from q, k
 and the saved lse instead of storing them. The kernels receive the per-sample key mask
 (B, Lk) and skip key tiles with no key kept; dropout is regenerated from (seed, element index)
@@ -23,12 +24,12 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from ..reference import masked_attention as _ref
+from ._autograd import autocast_inputs, autocast_off, fused_function, register_folded_vmap
 from ._checks import check_float_tensor, check_same_dtype_device, check_tensor
-from ._eager import eager_fast_path
+from ._random import check_not_capturing, draw_seed, zero_seed
 
 __all__ = ["masked_cross_attention"]
 
@@ -61,16 +62,40 @@ def _kernel(backend: str):
     return _ReferenceKernel
 
 
-def _forward_impl(q, k, v, key_keep, is_causal, dropout_p, scale, seed):
-    kernel = _kernel(_backend.resolve(OP, q.device, IMPLEMENTED))
-    return kernel.masked_attention_forward(q, k, v, key_keep, is_causal, dropout_p, scale, int(seed))
+# ---- custom ops: the kernels of the backend chosen at the forward ----
+
+@torch.library.custom_op("robustmm::masked_attention_forward", mutates_args=())
+def masked_attention_forward(backend: str, q: Tensor, k: Tensor, v: Tensor,
+                             key_keep: Optional[Tensor], is_causal: bool, dropout_p: float,
+                             scale: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Lq, d) in q's dtype, lse (B, H, Lq) float32/float64). seed: CPU int64."""
+    _backend.record(OP, backend)
+    return _kernel(backend).masked_attention_forward(q, k, v, key_keep, is_causal, dropout_p,
+                                                     scale, int(seed))
 
 
-def _backward_impl(grad_out, q, k, v, out, lse, key_keep, is_causal, dropout_p, scale, seed):
-    kernel = _kernel(_backend.resolve(OP, q.device, IMPLEMENTED))
-    return kernel.masked_attention_backward(grad_out, q, k, v, out, lse, key_keep, is_causal,
-                                            dropout_p, scale, int(seed))
+@masked_attention_forward.register_fake
+def _(backend, q, k, v, key_keep, is_causal, dropout_p, scale, seed):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=_ref.acc_dtype(q.dtype))
 
+
+@torch.library.custom_op("robustmm::masked_attention_backward", mutates_args=())
+def masked_attention_backward(backend: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                              out: Tensor, lse: Tensor, key_keep: Optional[Tensor],
+                              is_causal: bool, dropout_p: float, scale: float,
+                              seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) like q, k, v."""
+    _backend.record(OP, backend, backward=True)
+    return tuple(_kernel(backend).masked_attention_backward(
+        grad_out, q, k, v, out, lse, key_keep, is_causal, dropout_p, scale, int(seed)))
+
+
+@masked_attention_backward.register_fake
+def _(backend, grad_out, q, k, v, out, lse, key_keep, is_causal, dropout_p, scale, seed):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ---- autograd ----
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_keep, is_causal, dropout_p, scale, seed = inputs
@@ -80,67 +105,23 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward_with(backward_fn, ctx, grad_out, _grad_lse):
+def _backward(ctx, backward_op, grad_out, _grad_lse):
     q, k, v, out, lse, key_keep, seed = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 8
-    dq, dk, dv = backward_fn(grad_out.contiguous(), q, k, v, out, lse, key_keep, ctx.is_causal,
+    dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, key_keep, ctx.is_causal,
                              ctx.dropout_p, ctx.scale, seed)
-    need = ctx.needs_input_grad
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+    need = ctx.needs_input_grad  # [0] is the backend
+    return (dq if need[1] else None, dk if need[2] else None, dv if need[3] else None,
             None, None, None, None, None)
 
 
-@torch.library.custom_op("robustmm::masked_attention_forward", mutates_args=())
-def masked_attention_forward(q: Tensor, k: Tensor, v: Tensor, key_keep: Optional[Tensor],
-                             is_causal: bool, dropout_p: float, scale: float,
-                             seed: Tensor) -> tuple[Tensor, Tensor]:
-    """(out (B, H, Lq, d) in q's dtype, lse (B, H, Lq) float32/float64). seed: CPU int64."""
-    return _forward_impl(q, k, v, key_keep, is_causal, dropout_p, scale, seed)
-
-
-@masked_attention_forward.register_fake
-def _(q, k, v, key_keep, is_causal, dropout_p, scale, seed):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=_ref.acc_dtype(q.dtype))
-
-
-@torch.library.custom_op("robustmm::masked_attention_backward", mutates_args=())
-def masked_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                              lse: Tensor, key_keep: Optional[Tensor], is_causal: bool,
-                              dropout_p: float, scale: float,
-                              seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) like q, k, v."""
-    return tuple(_backward_impl(grad_out, q, k, v, out, lse, key_keep, is_causal, dropout_p,
-                                scale, seed))
-
-
-@masked_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, key_keep, is_causal, dropout_p, scale, seed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    return _backward_with(masked_attention_backward, ctx, grad_out, grad_lse)
-
-
-masked_attention_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerMaskedAttention(torch.autograd.Function):
-    """The custom ops without their dispatch, for plain tensors in eager mode (see
-    reparam_kl's _EagerReparamKL)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_keep, is_causal, dropout_p, scale, seed):
-        inputs = (q, k, v, key_keep, is_causal, dropout_p, scale, seed)
-        output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    @once_differentiable  # no double backward: say so instead of returning zeros
-    def backward(ctx, grad_out, grad_lse):
-        return _backward_with(_backward_impl, ctx, grad_out, grad_lse)
+# the vmapped dim folds into B: (V, B, H, L, d) -> (V B, H, L, d), key_keep (V B, Lk)
+register_folded_vmap(masked_attention_forward, "-bbbb---s", "bb",
+                     random=lambda *args: args[6] > 0.0)
+register_folded_vmap(masked_attention_backward, "-bbbbbbb---s", "bbb")
+_MaskedAttention = fused_function("MaskedAttention", masked_attention_forward,
+                                  masked_attention_backward, _setup_context, _backward)
 
 
 def _check_inputs(q, k, v, present, key_lengths, key_padding_mask, dropout_p, scale):
@@ -218,22 +199,40 @@ def masked_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, present: Optional
 
     Returns:
         ``(B, H, Lq, d)`` like q; rows with no key left are 0 (gradients 0), never NaN.
+
+    Under ``torch.autocast`` q, k and v are cast to the autocast dtype first (as for SDPA);
+    float64 ones stay float64. The backend is chosen here, once: the backward runs on it too.
     """
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        q, k, v = autocast_inputs(device, q, k, v)
+        with autocast_off(device):
+            return _masked_cross_attention(q, k, v, present, key_lengths, key_padding_mask,
+                                           is_causal, dropout_p, scale, generator)
+    return _masked_cross_attention(q, k, v, present, key_lengths, key_padding_mask, is_causal,
+                                   dropout_p, scale, generator)
+
+
+def _masked_cross_attention(q, k, v, present, key_lengths, key_padding_mask, is_causal,
+                            dropout_p, scale, generator):
+    """masked_cross_attention after autocast's casts."""
     key_lengths = _check_inputs(q, k, v, present, key_lengths, key_padding_mask, dropout_p, scale)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     keep = _ref.key_keep_mask(q.shape[0], k.shape[2], present, key_lengths, key_padding_mask,
                               q.device)
     if dropout_p > 0.0:
-        seed = torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64,
-                             device=generator.device if generator is not None else "cpu").cpu()
+        check_not_capturing(q.device, "masked_cross_attention", "attention dropout",
+                            "Set dropout_p=0 inside the captured region (e.g. model.eval()), or "
+                            "run it outside the capture.")
+        seed = draw_seed(generator)
     else:
-        seed = torch.zeros((), dtype=torch.int64)
-    args = (q.contiguous(), k.contiguous(), v.contiguous(),
-            None if keep is None else keep.contiguous(), is_causal, float(dropout_p), scale, seed)
-    if eager_fast_path(*args[:4]):
-        out, _ = _EagerMaskedAttention.apply(*args)
-    else:
-        out, _ = masked_attention_forward(*args)
+        seed = zero_seed()
+    backend = _backend.choose(OP, q.device.type, q.dtype, IMPLEMENTED)
+    out, _ = _MaskedAttention.apply(
+        backend, q.contiguous(), k.contiguous(), v.contiguous(),
+        None if keep is None else keep.contiguous(), is_causal, float(dropout_p), scale, seed)
     return out

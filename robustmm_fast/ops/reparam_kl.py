@@ -6,7 +6,8 @@
        = -1/2 sum_d (1 + lv - mu^2 - exp(lv))            (standard normal prior)
 
 Two custom ops in the ``robustmm`` namespace carry it: ``reparam_kl_forward`` (z and per-row KL
-in float32/float64) and ``reparam_kl_backward`` (all input gradients in one pass). In-kernel
+in float32/float64) and ``reparam_kl_backward`` (all input gradients in one pass), each taking
+the backend chosen at the forward; one autograd.Function calls them (ops/_autograd.py). In-kernel
 eps is Philox4x32-10 keyed by a seed drawn from torch's generator; the backward regenerates it
 from the saved seed, so no eps-sized tensor is kept for backward.
 """
@@ -16,14 +17,14 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from ..reference import reparam_kl as _ref
 from ..reference.philox import philox_randn
 from ._checks import (check_broadcastable, check_choice, check_float_tensor, check_like,
                       check_row_mask)
-from ._eager import eager_fast_path
+from ._autograd import autocast_inputs, autocast_off, fused_function, register_folded_vmap
+from ._random import check_not_capturing, draw_seed, zero_seed
 
 __all__ = ["reparameterize_kl"]
 
@@ -63,72 +64,41 @@ def _kernel(backend: str):
     return _ReferenceKernel
 
 
-# ---- the op's two halves, shared by the custom ops and the eager fast path ----
-
-def _forward_impl(mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise):
-    kernel = _kernel(_backend.resolve(OP, mu.device))
-    return kernel.reparam_kl_forward(mu, logvar, eps, prior_mu, prior_logvar, mask, int(seed), noise)
-
-
-def _backward_impl(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise,
-                   need_grad_eps, need_grad_prior):
-    kernel = _kernel(_backend.resolve(OP, mu.device))
-    grads = kernel.reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar,
-                                       mask, int(seed), noise, need_grad_eps, need_grad_prior)
-    return tuple(mu.new_empty(0) if g is None else g for g in grads)
-
-
-def _setup_context(ctx, inputs, output):
-    mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise = inputs
-    ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, mask, seed)
-    ctx.noise = noise
-
-
-def _backward_with(backward_fn, ctx, grad_z, grad_kl):
-    mu, logvar, eps, prior_mu, prior_logvar, mask, seed = ctx.saved_tensors
-    need_eps = eps is not None and ctx.needs_input_grad[2]
-    need_prior = prior_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    if grad_z is None:
-        grad_z = torch.zeros_like(mu)
-    if grad_kl is None:
-        grad_kl = mu.new_zeros(mu.shape[:-1], dtype=_ref.acc_dtype(mu.dtype))
-    dmu, dlogvar, deps, dpm, dplv = backward_fn(
-        grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, ctx.noise,
-        need_eps, need_prior)
-    return (dmu, dlogvar, deps if need_eps else None, dpm if need_prior else None,
-            dplv if need_prior else None, None, None, None)
-
-
-# ---- custom ops ----
+# ---- custom ops: the kernels of the chosen backend ----
 
 @torch.library.custom_op("robustmm::reparam_kl_forward", mutates_args=())
-def reparam_kl_forward(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], prior_mu: Optional[Tensor],
-                       prior_logvar: Optional[Tensor], mask: Optional[Tensor], seed: Tensor,
-                       noise: int) -> tuple[Tensor, Tensor]:
+def reparam_kl_forward(backend: str, mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
+                       prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor],
+                       mask: Optional[Tensor], seed: Tensor, noise: int) -> tuple[Tensor, Tensor]:
     """z (mu's dtype) and per-row KL (float32, float64 for float64). seed: CPU int64 scalar."""
-    return _forward_impl(mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise)
+    _backend.record(OP, backend)
+    return _kernel(backend).reparam_kl_forward(mu, logvar, eps, prior_mu, prior_logvar, mask,
+                                               int(seed), noise)
 
 
 @reparam_kl_forward.register_fake
-def _(mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise):
+def _(backend, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise):
     return torch.empty_like(mu), mu.new_empty(mu.shape[:-1], dtype=_ref.acc_dtype(mu.dtype))
 
 
 @torch.library.custom_op("robustmm::reparam_kl_backward", mutates_args=())
-def reparam_kl_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor,
+def reparam_kl_backward(backend: str, grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor,
                         eps: Optional[Tensor], prior_mu: Optional[Tensor],
                         prior_logvar: Optional[Tensor], mask: Optional[Tensor], seed: Tensor,
                         noise: int, need_grad_eps: bool,
                         need_grad_prior: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dmu, dlogvar, deps, dprior_mu, dprior_logvar); the last three are empty (numel 0)
     unless asked for and the input exists."""
-    return _backward_impl(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed,
-                          noise, need_grad_eps, need_grad_prior)
+    _backend.record(OP, backend, backward=True)
+    grads = _kernel(backend).reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu,
+                                                 prior_logvar, mask, int(seed), noise,
+                                                 need_grad_eps, need_grad_prior)
+    return tuple(mu.new_empty(0) if g is None else g for g in grads)
 
 
 @reparam_kl_backward.register_fake
-def _(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise, need_grad_eps,
-      need_grad_prior):
+def _(backend, grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise,
+      need_grad_eps, need_grad_prior):
     want_eps = need_grad_eps and eps is not None
     want_prior = need_grad_prior and prior_mu is not None
     full, empty = (lambda: torch.empty_like(mu)), (lambda: mu.new_empty(0))
@@ -136,44 +106,37 @@ def _(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, nois
             full() if want_prior else empty())
 
 
-def _backward(ctx, grad_z, grad_kl):
-    return _backward_with(reparam_kl_backward, ctx, grad_z, grad_kl)
+# ---- autograd ----
+
+def _setup_context(ctx, inputs, output):
+    mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise = inputs
+    ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, mask, seed)
+    ctx.noise = noise
 
 
-reparam_kl_forward.register_autograd(_backward, setup_context=_setup_context)
+def _backward(ctx, backward_op, grad_z, grad_kl):
+    mu, logvar, eps, prior_mu, prior_logvar, mask, seed = ctx.saved_tensors
+    need_eps = eps is not None and ctx.needs_input_grad[3]
+    need_prior = prior_mu is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+    if grad_z is None:
+        grad_z = torch.zeros_like(mu)
+    if grad_kl is None:
+        grad_kl = mu.new_zeros(mu.shape[:-1], dtype=_ref.acc_dtype(mu.dtype))
+    dmu, dlogvar, deps, dpm, dplv = backward_op(
+        grad_z.contiguous(), grad_kl.contiguous(), mu, logvar, eps, prior_mu, prior_logvar, mask,
+        seed, ctx.noise, need_eps, need_prior)
+    return (dmu, dlogvar, deps if need_eps else None, dpm if need_prior else None,
+            dplv if need_prior else None, None, None, None)
 
 
-# ---- eager fast path ----
-
-class _EagerReparamKL(torch.autograd.Function):
-    """The custom ops' forward and backward without their dispatch, which costs about 0.1 ms a
-    call -- as much as the kernel itself at small sizes. Used only for plain tensors in eager
-    mode; under torch.compile, fake tensors, functorch transforms or tensor subclasses the
-    custom ops run instead (see ops/_eager.py)."""
-
-    # the ctx-taking form: a separate setup_context makes apply() bind arguments through
-    # inspect.signature, which doubles its cost
-    @staticmethod
-    def forward(ctx, mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise):
-        inputs = (mu, logvar, eps, prior_mu, prior_logvar, mask, seed, noise)
-        output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    @once_differentiable  # no double backward: say so instead of returning zeros
-    def backward(ctx, grad_z, grad_kl):
-        return _backward_with(_backward_impl, ctx, grad_z, grad_kl)
+# the vmapped dim is one more leading (row) dim of every operand
+register_folded_vmap(reparam_kl_forward, "-rrrrrrs-", "rr", random=lambda *a: a[8] == PHILOX_NOISE)
+register_folded_vmap(reparam_kl_backward, "-rrrrrrrrs---", "rrrrr")
+_ReparamKL = fused_function("ReparamKL", reparam_kl_forward, reparam_kl_backward, _setup_context,
+                            _backward)
 
 
 # ---- public entry point ----
-
-def _draw_seed(generator: Optional[torch.Generator]) -> Tensor:
-    """A CPU int64 seed from torch's RNG, so torch.manual_seed reproduces the draw."""
-    if generator is not None and generator.device.type != "cpu":
-        return torch.randint(0, 2**62, (), generator=generator, device=generator.device).cpu()
-    return torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64)
-
 
 def _prepare_prior(prior: Optional[Tensor], mu: Tensor) -> Optional[Tensor]:
     if prior is None:
@@ -208,8 +171,25 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Optional[Tensor] = Non
 
     Returns:
         ``(z, kl)``: z like mu; kl in mu's dtype (accumulated in float32/float64).
+
+    Under ``torch.autocast`` the floating inputs are cast to the autocast dtype first (as for
+    SDPA), so a float32 prior goes with bfloat16 activations; float64 ones stay float64.
     """
     check_float_tensor(mu, "mu")
+    device = mu.device.type
+    if not torch.is_autocast_enabled(device):
+        return _reparameterize_kl(mu, logvar, eps, prior_mu, prior_logvar, mask, sample,
+                                  reduction, generator)
+    mu, logvar, eps, prior_mu, prior_logvar = autocast_inputs(device, mu, logvar, eps, prior_mu,
+                                                              prior_logvar)
+    with autocast_off(device):
+        return _reparameterize_kl(mu, logvar, eps, prior_mu, prior_logvar, mask, sample,
+                                  reduction, generator)
+
+
+def _reparameterize_kl(mu, logvar, eps, prior_mu, prior_logvar, mask, sample, reduction,
+                       generator):
+    """reparameterize_kl after autocast's casts."""
     if mu.dim() < 1:
         raise ValueError("mu must have at least one dim (..., D), got a 0-dim tensor")
     check_like(logvar, "logvar", mu, "mu")
@@ -229,11 +209,11 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Optional[Tensor] = Non
     if _needs_fp32_prior_grad(mu, prior_mu, prior_logvar):
         # A broadcast prior's gradient is a sum over rows: summing half-precision per-row
         # gradients would break "accumulate in fp32", so this rare case runs in float32.
-        z, kl = reparameterize_kl(
-            mu.float(), logvar.float(), eps=None if eps is None else eps.float(),
-            prior_mu=None if prior_mu is None else prior_mu.float(),
-            prior_logvar=None if prior_logvar is None else prior_logvar.float(),
-            mask=mask, sample=sample, reduction=reduction, generator=generator)
+        z, kl = _reparameterize_kl(
+            mu.float(), logvar.float(), None if eps is None else eps.float(),
+            None if prior_mu is None else prior_mu.float(),
+            None if prior_logvar is None else prior_logvar.float(),
+            mask, sample, reduction, generator)
         return z.to(mu.dtype), kl.to(mu.dtype)
 
     prior_mu, prior_logvar = _prepare_prior(prior_mu, mu), _prepare_prior(prior_logvar, mu)
@@ -242,12 +222,17 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Optional[Tensor] = Non
         prior_logvar = torch.zeros_like(mu) if prior_logvar is None else prior_logvar
 
     noise = NO_NOISE if not sample else (GIVEN_NOISE if eps is not None else PHILOX_NOISE)
-    seed = _draw_seed(generator) if noise == PHILOX_NOISE else torch.zeros((), dtype=torch.int64)
-    args = (mu.contiguous(), logvar.contiguous(), eps.contiguous() if noise == GIVEN_NOISE else None,
-            prior_mu, prior_logvar, None if mask is None else mask.contiguous(), seed, noise)
-    if eager_fast_path(*args[:6]):
-        z, kl_rows = _EagerReparamKL.apply(*args)
+    if noise == PHILOX_NOISE:
+        check_not_capturing(mu.device, "reparameterize_kl", "an in-kernel eps",
+                            "Pass eps= (drawn inside the graph, e.g. torch.randn_like(mu)), or "
+                            "sample=False, or run it outside the capture.")
+        seed = draw_seed(generator)
     else:
-        z, kl_rows = reparam_kl_forward(*args)
+        seed = zero_seed()
+    backend = _backend.choose(OP, mu.device.type, mu.dtype)
+    z, kl_rows = _ReparamKL.apply(
+        backend, mu.contiguous(), logvar.contiguous(),
+        eps.contiguous() if noise == GIVEN_NOISE else None, prior_mu, prior_logvar,
+        None if mask is None else mask.contiguous(), seed, noise)
     batch = mu.shape[0] if mu.dim() >= 2 else 1
     return z, _ref.reduce_kl(kl_rows, mask, reduction, batch, mu.dtype)

@@ -30,6 +30,9 @@ def report() -> str:
     lines.append(f"{'backend':<10} {'available':<10} {'devices':<28} reason")
     for name, info in _backend.backends().items():
         lines.append(f"{name:<10} {str(info['available']):<10} {info['devices']:<28} {info['reason'] or ''}")
+    lines.append("\nlimitations (auto skips these; requesting them raises with the reason):")
+    for (op, backend, device, dtype), why in _backend.LIMITATIONS.items():
+        lines.append(f"  {op} on {backend}, {device} {str(dtype).removeprefix('torch.')}: {why}")
     lines.append(f"\nrequested backend: {_backend.requested_backend()} (ROBUSTMM_BACKEND / use_backend)")
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..reference.cycle_loss import COSINE_EPS, acc_dtype
+from ._device import on_tensor_device
 
 __all__ = ["cycle_loss_forward", "cycle_loss_backward"]
 
@@ -300,6 +301,7 @@ def _launch_config(n_rows: int, D: int, tile: int):
     return grid, block_rows, block_d, index64, num_warps
 
 
+@on_tensor_device
 def cycle_loss_forward(forward_pred, target, cycle_pred, source, mask, distance: int, beta: float,
                        need_grad: bool):
     """(terms, grad_forward, grad_target, grad_cycle, grad_source). The schema of
@@ -344,6 +346,7 @@ def cycle_loss_forward(forward_pred, target, cycle_pred, source, mask, distance:
     return (terms, *grads)
 
 
+@on_tensor_device
 def cycle_loss_backward(grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask,
                         distance: int, need_grad: int, dtype: torch.dtype):
     """(d forward_pred, d target, d cycle_pred, d source) in `dtype`, numel 0 where the need_grad

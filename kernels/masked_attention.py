@@ -23,11 +23,11 @@ Backward (dO = grad_out), recomputing P from q, k and the saved lse:
     dV   = (P Z / (1-p))^T dO,     dP = dO V^T,     dS = P (dP Z / (1-p) - D)
     dQ   = scale dS K,             dK = scale dS^T Q
 
-Layout: four launches, no atomics. Forward: grid (cdiv(Lq, BLOCK_M), B H), a program owns a
+Layout: four launches, no atomics. Forward: grid (B H, cdiv(Lq, BLOCK_M)), a program owns a
 query block and loops over key blocks. Backward: D = rowsum(dO O) (one program per row block);
-dK/dV: grid (cdiv(Lk, BLOCK_N), B H), a program owns a key block and loops over query blocks,
+dK/dV: grid (B H, cdiv(Lk, BLOCK_N)), a program owns a key block and loops over query blocks,
 its tiles computed transposed (keys x rows: s^T = K Q^T) so that only loaded tiles are
-transposed; dQ: grid (cdiv(Lq, BLOCK_M), B H), looping over key blocks like the forward.
+transposed; dQ: grid (B H, cdiv(Lq, BLOCK_M)), looping over key blocks like the forward.
 BLOCK_D is the next power of two >= max(d, 16), its padding masked (any head dim works; 80 pays
 for 128). Blocks (fp16/bf16): forward 64 x 64, dK/dV 32 x 64, dQ 64 x 32, halved for fp32/fp64
 (quartered from d > 64) so that the kernels compile for sm_90 without spilling registers.
@@ -58,6 +58,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from ._device import on_tensor_device
 
 __all__ = ["masked_attention_forward", "masked_attention_backward"]
 
@@ -151,8 +153,8 @@ def _attn_fwd_kernel(
 ):
     ACC = lse_ptr.dtype.element_ty
     IN = q_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B H on axis 0 (limit 2^31 - 1; axis 1 stops at 65535)
+    pid_m = tl.program_id(1)
     b = bh // H
     if INDEX_64:
         bh = bh.to(tl.int64)
@@ -259,8 +261,8 @@ def _attn_bwd_dkdv_kernel(
 ):
     ACC = lse_ptr.dtype.element_ty
     IN = q_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B H on axis 0 (limit 2^31 - 1; axis 1 stops at 65535)
+    pid_n = tl.program_id(1)
     b = bh // H
     if INDEX_64:
         bh = bh.to(tl.int64)
@@ -346,8 +348,8 @@ def _attn_bwd_dq_kernel(
 ):
     ACC = lse_ptr.dtype.element_ty
     IN = q_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B H on axis 0 (limit 2^31 - 1; axis 1 stops at 65535)
+    pid_m = tl.program_id(1)
     b = bh // H
     if INDEX_64:
         bh = bh.to(tl.int64)
@@ -503,6 +505,7 @@ def _dot_precision(dtype):
     return _FP32_DOT_PRECISION if dtype == torch.float32 else "ieee"
 
 
+@on_tensor_device
 def masked_attention_forward(q, k, v, key_keep, is_causal: bool, dropout_p: float, scale: float,
                              seed: int):
     """(out like q, lse (B, H, Lq) float32 / float64). The schema of
@@ -534,7 +537,7 @@ def masked_attention_forward(q, k, v, key_keep, is_causal: bool, dropout_p: floa
     scale_hi, scale_lo = _split(scale)
     rescale = _split(1.0 / (1.0 - dropout_p))[0]  # float32, as the reference and C++
     index64 = _index64(B * H, Lq + block_m, Lk + block_n, block_d, has_dropout)
-    grid = (triton.cdiv(Lq, block_m), B * H)
+    grid = (B * H, triton.cdiv(Lq, block_m))
     _attn_fwd_kernel[grid](
         q, k, v, keep, tiles, cum, out, lse,
         H, Lq, Lk, d, nb, scale_hi, scale_lo, dropout_p, rescale,
@@ -545,6 +548,7 @@ def masked_attention_forward(q, k, v, key_keep, is_causal: bool, dropout_p: floa
     return out, lse
 
 
+@on_tensor_device
 def masked_attention_backward(grad_out, q, k, v, out, lse, key_keep, is_causal: bool,
                               dropout_p: float, scale: float, seed: int):
     """(dq, dk, dv) like q, k, v: the schema of robustmm_C::masked_attention_backward.
@@ -601,7 +605,7 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_keep, is_causal: 
     block_n = _block(_cap(_DKDV_BLOCK_N, q.dtype, block_d), Lk)
     nb = triton.cdiv(Lk, block_n)
     cum = _key_tiles(keep, Lk, block_n)[1] if has_keep else lse
-    _attn_bwd_dkdv_kernel[(nb, B * H)](
+    _attn_bwd_dkdv_kernel[(B * H, nb)](
         q, k, v, grad_out, lse, delta, keep.view(torch.uint8) if has_keep else lse, cum, dk, dv,
         H, Lq, Lk, d, nb, *scalars,
         INDEX_64=_index64(B * H, Lq + block_m, Lk + block_n, block_d, has_dropout),
@@ -613,7 +617,7 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_keep, is_causal: 
     block_n = _block(_cap(_DQ_BLOCK_N, q.dtype, block_d), Lk)
     nb = triton.cdiv(Lk, block_n)
     tiles, cum = _key_tiles(keep, Lk, block_n) if has_keep else (lse, lse)
-    _attn_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * H)](
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(Lq, block_m))](
         q, k, v, grad_out, lse, delta, keep.view(torch.uint8) if has_keep else lse, tiles, cum,
         dq, H, Lq, Lk, d, nb, *scalars,
         INDEX_64=_index64(B * H, Lq + block_m, Lk + block_n, block_d, has_dropout),

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
+
 from ..reference.reparam_kl import acc_dtype
 
 __all__ = ["reparam_kl_forward", "reparam_kl_backward"]
@@ -272,6 +274,7 @@ def _launch_config(n_rows: int, D: int, tile: int, noise: int):
     return grid, block_rows, block_d, aligned4, index64, num_warps
 
 
+@on_tensor_device
 def reparam_kl_forward(mu, logvar, eps, prior_mu, prior_logvar, mask, seed: int, noise: int):
     """(z like mu, per-row KL in float32 / float64). The schema of robustmm_C::reparam_kl_forward."""
     mu, logvar, eps, prior_mu, prior_logvar, mask = _check(
@@ -299,6 +302,7 @@ def reparam_kl_forward(mu, logvar, eps, prior_mu, prior_logvar, mask, seed: int,
     return z, kl
 
 
+@on_tensor_device
 def reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, mask, seed: int,
                         noise: int, need_grad_eps: bool, need_grad_prior: bool):
     """[dmu, dlogvar, deps | None, dprior_mu | None, dprior_logvar | None], one pass.

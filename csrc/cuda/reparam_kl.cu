@@ -505,6 +505,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_k
     bool need_grad_prior) {
   const ReparamKLInputs in =
       check_reparam_kl_inputs(mu, logvar, eps, prior_mu, prior_logvar, mask, noise, at::kCUDA);
+  // mu's device current before anything is allocated or launched (getCurrentCUDAStream below
+  // is then mu's device's stream), as in the forward
+  const c10::cuda::CUDAGuard device_guard(mu.device());
   // not a structured binding: lambdas cannot capture those before C++20
   const std::pair<at::Tensor, at::Tensor> grads = check_reparam_kl_grads(grad_z, grad_kl, mu);
   const at::Tensor& gz = grads.first;

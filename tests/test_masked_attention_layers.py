@@ -353,18 +353,20 @@ def test_rejects_unsupported():
 
 @pytest.fixture(scope="module")
 def compiled_layer():
-    """One module and its fullgraph-compiled forward, shared by the backends: the op is opaque
-    to the compiler and picks its backend at run time, so nothing recompiles."""
+    """One module and its forward, shared by the backends; each test compiles it (fullgraph)
+    afresh inside its backend's block: the backend in effect at tracing is compiled in."""
     ours, _ = _pair(kdim=6, vdim=10)
 
     def f(q, k, v, present, pad):
         return ours(q, k, v, key_padding_mask=pad, need_weights=False, present=present,
                     key_lengths=LENGTHS)[0]
-    return ours, f, torch.compile(f, fullgraph=True)
+    return ours, f, lambda: torch.compile(f, fullgraph=True)
 
 
 def test_compile_layer_matches_eager(backend, compiled_layer):
-    ours, eager, compiled = compiled_layer
+    ours, eager, compile_ = compiled_layer
+    torch._dynamo.reset()  # the backend is fixed when the graph is traced
+    compiled = compile_()
     q, k, v = _qkv(6, 10)
     present, pad = _present(), torch.rand(B, LK, generator=_gen(11)) < 0.2
     g = torch.randn(B, LQ, E, generator=_gen(6))
@@ -555,11 +557,13 @@ def compiled_transformer():
 
     def f(target, sources, present):
         return model(target, sources, present=present)
-    return model, f, torch.compile(f, fullgraph=True, backend="aot_eager")
+    return model, f, lambda: torch.compile(f, fullgraph=True, backend="aot_eager")
 
 
 def test_transformer_compile_matches_eager(backend, compiled_transformer):
-    model, eager, compiled = compiled_transformer
+    model, eager, compile_ = compiled_transformer
+    torch._dynamo.reset()  # the backend is fixed when the graph is traced
+    compiled = compile_()
     target = _target().float().requires_grad_()
     sources = [s.float() for s in _sources()]
     present = _present()

@@ -182,10 +182,11 @@ def choose(op: str, device_type: str, dtype: torch.dtype,
     name = requested_backend()
     if name != "auto":
         missing = name not in implemented
+        limited = None if missing else _limitation(op, name, device_type, dtype)
         why = f"op {op!r} has no {name} kernel (it has {', '.join(implemented)})" if missing \
-            else (_limitation(op, name, device_type, dtype) or _unavailable_reason(name, device, op))
+            else (limited or _unavailable_reason(name, device, op))
         if why is not None:
-            fix = "" if missing or _limitation(op, name, device_type, dtype) else _FIX.get(name, "")
+            fix = "" if missing or limited else _FIX.get(name, "")
             raise RuntimeError(f"robustmm_fast: backend {name!r} was requested for {op} but is "
                                f"unavailable: {why}." + (f" To fix: {fix}." if fix else ""))
         return name

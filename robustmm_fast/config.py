@@ -3,9 +3,14 @@ then `key=value` overrides (values parsed as JSON where they parse, else kept as
 from __future__ import annotations
 
 import json
-import tomllib
+import sys
 from pathlib import Path
 from typing import Iterable, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomli is the package tomllib was made from (same API and errors)
+    import tomli as tomllib
 
 __all__ = ["load_config", "select", "parse_overrides", "merge"]
 

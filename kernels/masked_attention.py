@@ -49,7 +49,9 @@ reference/philox.py and csrc/include/robustmm/philox.h do.
 
 Precision: dots accumulate in fp32 (fp64 for fp64 inputs). float16/bfloat16 tiles enter the
 dots in their own dtype (P and dS rounded to it, as flash-attention); float32 dots use IEEE fp32
-(_FP32_DOT_PRECISION, "tf32" trades accuracy for tensor cores); float64 uses fp64 dots.
+(_FP32_DOT_PRECISION, "tf32" trades accuracy for tensor cores); float64 uses fp64 dots, on
+CPU tensors under TRITON_INTERPRET=1 only: Triton compiles no float64 tl.dot at these tiles
+for CUDA, so the wrappers refuse float64 CUDA tensors (TypeError) before any compile.
 """
 from __future__ import annotations
 
@@ -78,26 +80,38 @@ _FP32_DOT_PRECISION = "ieee"  # float32 inputs: "ieee" (matches the reference), 
 _INDEX64_LIMIT = 2**31       # int64 offsets and dropout counters once padded indices may reach this
 
 
+# Arguments that vary from call to call (the lengths, B H Lq rows, the seed): not specialised
+# (Triton would otherwise compile one kernel per residue mod 16 and for == 1), so that
+# variable-length training compiles once per block size. H and d stay specialised (fixed by
+# the model; d's divisibility lets the loads vectorise).
+_VARYING = ["Lq", "Lk", "NB", "seed"]
+
+
 # ---- kernels ----
 
 @triton.jit
-def _dropout_keep(seed, first, p_drop, ALIGNED4: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(ROWS, BLOCK_N) bool Z of a tile whose row r starts at flat index first[r]: element
-    n = first[r] + c is kept when component (n & 3) of tl.rand4x(seed, n >> 2) is >= p_drop.
+def _dropout_keep(seed, first, p_drop, Lk, BLOCK_N: tl.constexpr):
+    """(ROWS, BLOCK_N) bool Z of a tile whose row r starts at flat index first[r] (a row of
+    Lk keys, from a multiple of BLOCK_N): element n = first[r] + c is kept when component
+    (n & 3) of tl.rand4x(seed, n >> 2) is >= p_drop.
 
-    ALIGNED4 (first % 4 == 0 everywhere): one Philox call per 4 elements, the outputs
-    interleaved to u1, u2, u3, u4, u1, ...  Otherwise one call per element.
+    Lk % 4 == 0 (then first % 4 == 0 everywhere): one Philox call per 4 elements, the outputs
+    interleaved to u1, u2, u3, u4, u1, ...  Otherwise one call per element. A runtime branch,
+    uniform over the program, rather than a constexpr: the key length's residue must not
+    compile another kernel (issue 14.8). Both paths give the same stream.
     """
-    if ALIGNED4:
+    if Lk % 4 == 0:
         groups = tl.arange(0, BLOCK_N // 4)
         counter = (first >> 2)[:, None] + groups[None, :]            # (ROWS, BLOCK_N // 4)
         u1, u2, u3, u4 = tl.rand4x(seed, counter)
         u = tl.interleave(tl.interleave(u1, u3), tl.interleave(u2, u4))
     else:
+        # names of their own: Triton types every name the two branches share, and the grouped
+        # u1..u4 are (ROWS, BLOCK_N // 4) where these are (ROWS, BLOCK_N)
         flat = first[:, None] + tl.arange(0, BLOCK_N)[None, :]      # (ROWS, BLOCK_N)
-        u1, u2, u3, u4 = tl.rand4x(seed, flat >> 2)
+        e1, e2, e3, e4 = tl.rand4x(seed, flat >> 2)
         c = flat & 3
-        u = tl.where(c == 0, u1, tl.where(c == 1, u2, tl.where(c == 2, u3, u4)))
+        u = tl.where(c == 0, e1, tl.where(c == 1, e2, tl.where(c == 2, e3, e4)))
     return u >= p_drop
 
 
@@ -125,7 +139,7 @@ def _visited_blocks(b, NB, hi, cum_ptr, HAS_KEEP: tl.constexpr, IS_CAUSAL: tl.co
         return nb_hi
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_fwd_kernel(
     q_ptr,        # (B, H, Lq, d) float16/bfloat16/float32/float64
     k_ptr,        # (B, H, Lk, d) like q
@@ -144,7 +158,6 @@ def _attn_fwd_kernel(
     HAS_KEEP: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    ALIGNED4: tl.constexpr,    # Lk % 4 == 0: grouped Philox
     INDEX_64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -194,7 +207,7 @@ def _attn_fwd_kernel(
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            z = _dropout_keep(seed, rows * Lk + start_n, p_drop, ALIGNED4, BLOCK_N)
+            z = _dropout_keep(seed, rows * Lk + start_n, p_drop, Lk, BLOCK_N)
             p = tl.where(z, p * rescale, 0.0)
         v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(IN), v, input_precision=DOT_PRECISION,
@@ -208,7 +221,7 @@ def _attn_fwd_kernel(
              mask=m_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _attn_bwd_delta_kernel(
     out_ptr,      # (B H Lq, d) like q: the forward's output
     do_ptr,       # (B H Lq, d) like q: grad_out
@@ -231,7 +244,7 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptr + rows, tl.sum(o * do, axis=1), mask=m_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dkdv_kernel(
     q_ptr,        # (B, H, Lq, d)
     k_ptr,        # (B, H, Lk, d) like q
@@ -252,7 +265,6 @@ def _attn_bwd_dkdv_kernel(
     HAS_KEEP: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    ALIGNED4: tl.constexpr,
     INDEX_64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,     # query rows per inner step
@@ -305,7 +317,7 @@ def _attn_bwd_dkdv_kernel(
         pT = tl.where(allowed, tl.exp(sT - lse[None, :]), 0.0)      # (BLOCK_N, BLOCK_M)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC)
         if HAS_DROPOUT:
-            z = tl.trans(_dropout_keep(seed, rows * Lk + start_n, p_drop, ALIGNED4, BLOCK_N))
+            z = tl.trans(_dropout_keep(seed, rows * Lk + start_n, p_drop, Lk, BLOCK_N))
             pdT = tl.where(z, pT * rescale, 0.0)
             dpT = tl.where(z, dpT * rescale, 0.0)
         else:
@@ -318,7 +330,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=io)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dq_kernel(
     q_ptr,        # (B, H, Lq, d)
     k_ptr,        # (B, H, Lk, d) like q
@@ -339,7 +351,6 @@ def _attn_bwd_dq_kernel(
     HAS_KEEP: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    ALIGNED4: tl.constexpr,
     INDEX_64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,     # query rows of this program
@@ -389,7 +400,7 @@ def _attn_bwd_dq_kernel(
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
         if HAS_DROPOUT:
-            z = _dropout_keep(seed, rows * Lk + start_n, p_drop, ALIGNED4, BLOCK_N)
+            z = _dropout_keep(seed, rows * Lk + start_n, p_drop, Lk, BLOCK_N)
             dp = tl.where(z, dp * rescale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(IN), k, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -403,6 +414,11 @@ def _check_qkv(q, k, v):
         got = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
         raise TypeError(f"robustmm: the triton masked_attention kernel supports float16, bfloat16, "
                         f"float32 and float64 q, got {got}")
+    if q.dtype == torch.float64 and q.is_cuda:
+        raise TypeError("robustmm: float64 is not supported by the Triton attention kernels: "
+                        "Triton compiles no float64 tl.dot at these tiles for CUDA (MMAv2: "
+                        "'Currently fp64 don't support largeK MMA'); float64 CUDA attention runs "
+                        "on the reference backend (what 'auto' picks), or cast to float32")
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"robustmm: {name} must be a tensor, got {type(t).__name__}")
@@ -542,7 +558,7 @@ def masked_attention_forward(q, k, v, key_keep, is_causal: bool, dropout_p: floa
         q, k, v, keep, tiles, cum, out, lse,
         H, Lq, Lk, d, nb, scale_hi, scale_lo, dropout_p, rescale,
         seed if has_dropout else 0,
-        HAS_KEEP=has_keep, IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout, ALIGNED4=Lk % 4 == 0,
+        HAS_KEEP=has_keep, IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout,
         INDEX_64=index64, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_num_warps(block_m, block_n, block_d))
     return out, lse
@@ -597,7 +613,7 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, key_keep, is_causal: 
 
     keep = key_keep.contiguous() if has_keep else None
     common = dict(HAS_KEEP=has_keep, IS_CAUSAL=is_causal, HAS_DROPOUT=has_dropout,
-                  ALIGNED4=Lk % 4 == 0, DOT_PRECISION=precision, BLOCK_D=block_d)
+                  DOT_PRECISION=precision, BLOCK_D=block_d)
     scalars = (scale_hi, scale_lo, dropout_p, rescale, seed)
 
     # dK, dV: one program per key block, looping over the query blocks

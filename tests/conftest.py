@@ -112,16 +112,21 @@ def opcheck_kernel_op(op, args) -> None:
 
 
 @contextlib.contextmanager
-def run_on(backend: str, op: str = "reparam_kl"):
+def run_on(backend: str, op: str = "reparam_kl", backward: bool = False):
     """Run the block with ``robustmm_fast.use_backend(backend)``; afterwards assert that `op`
-    ran at least once inside the block and that its last call ran on `backend`."""
+    ran at least once inside the block and that its last call ran on `backend` (and, with
+    `backward`, that its backward kernel ran there too)."""
     before = _backend.backend_calls[(op, backend)]
+    before_backward = _backend.backward_calls[(op, backend)]
     with robustmm_fast.use_backend(backend):
         yield
     ran = robustmm_fast.last_backend(op)
     assert ran == backend, f"{op}: backend {backend!r} was requested but {ran!r} ran"
     assert _backend.backend_calls[(op, backend)] > before, (
         f"{op} never ran on backend {backend!r} inside the block")
+    if backward:
+        assert _backend.backward_calls[(op, backend)] > before_backward, (
+            f"{op}'s backward never ran on backend {backend!r} inside the block")
 
 
 def cpp_reason() -> str | None:

@@ -16,17 +16,17 @@ TORCH_LIBRARY(robustmm_C, m) {
       "Tensor? prior_mu, Tensor? prior_logvar, Tensor? mask, int seed, int noise, "
       "bool need_grad_eps, bool need_grad_prior) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // cycle_reconstruction_loss. distance: 0 mse, 1 l1, 2 smooth_l1 (beta > 0), 3 cosine.
-  // Forward: per-row terms (2, ...) and each row distance's derivatives (float32; float64 for
-  // float64); backward scales those by grad_terms. need_grad bits: 1 forward_pred, 2 target,
-  // 4 cycle_pred, 8 source. See robustmm_fast/ops/cycle_loss.py.
+  // Forward: the per-row terms (2, ...) only (float32; float64 for float64). Backward: the
+  // gradients of the four inputs (their dtype) recomputed from them, scaled by grad_terms;
+  // need_grad bits: 1 forward_pred, 2 target, 4 cycle_pred, 8 source (a clear bit: numel 0).
+  // See robustmm_fast/ops/cycle_loss.py.
   m.def(
       "cycle_loss_forward(Tensor forward_pred, Tensor target, Tensor cycle_pred, Tensor source, "
-      "Tensor? mask, int distance, float beta, bool need_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? mask, int distance, float beta) -> Tensor");
   m.def(
-      "cycle_loss_backward(Tensor grad_terms, Tensor grad_forward, Tensor grad_target, "
-      "Tensor grad_cycle, Tensor grad_source, Tensor? mask, int distance, int need_grad, "
-      "ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+      "cycle_loss_backward(Tensor grad_terms, Tensor forward_pred, Tensor target, "
+      "Tensor cycle_pred, Tensor source, Tensor? mask, int distance, float beta, int need_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // masked_cross_attention. key_keep: (B, Lk) bool, True = attend (absent modalities and
   // padding False); lse: (B, H, Lq) float32 (float64 for float64), -inf for a row with no key.
   // Dropout: element (b, h, i, j) with flat index n is dropped when rand_at(seed, n) < dropout_p.
@@ -37,12 +37,6 @@ TORCH_LIBRARY(robustmm_C, m) {
       "masked_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? key_keep, bool is_causal, float dropout_p, float scale, int seed) "
       "-> (Tensor, Tensor, Tensor)");
-  // The same scaling in place, for the eager path of float32/float64 inputs: the derivative
-  // buffers become the gradients (see cycle_loss_scale_ in csrc/cpu/cycle_loss.cpp).
-  m.def(
-      "cycle_loss_scale_(Tensor grad_terms, Tensor(a!) grad_forward, Tensor(b!) grad_target, "
-      "Tensor(c!) grad_cycle, Tensor(d!) grad_source, Tensor? mask, int distance, "
-      "int need_grad) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

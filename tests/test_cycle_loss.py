@@ -9,8 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from robustmm_fast import _backend
 from robustmm_fast import reference as ref
+from robustmm_fast.reference import cycle_loss as ref_cycle_loss
 from robustmm_fast.ops import cycle_reconstruction_loss
+from robustmm_fast.ops.cycle_loss import DISTANCE_CODES, _ReferenceKernel
 
 from conftest import assert_close_dtype, LOW_PRECISION, opcheck_kernel_op, require_cpp, run_on
 
@@ -89,7 +92,7 @@ def run(fn, tensors, mask, dtype, upstream=None, requires=(True,) * 4, **kwargs)
 def check_against_truth(backend, tensors, mask, dtype, requires=(True,) * 4, **kwargs):
     """The op on `backend` in `dtype` against the oracle in fp64 (and, for fp16/bf16, against
     the oracle's own error in that dtype)."""
-    with run_on(backend, OP):
+    with run_on(backend, OP, backward=any(requires)):
         loss, grads, upstream = run(cycle_reconstruction_loss, poison(tensors, mask), mask, dtype,
                                     requires=requires, **kwargs)
     truth, truth_grads, _ = run(ref.cycle_reconstruction_loss, tensors, mask, torch.float64,
@@ -131,22 +134,22 @@ def test_dtypes(backend, dtype, distance, reduction):
                         forward_weight=1.5, cycle_weight=0.25)
 
 
-REQUIRES = {  # which inputs require grad
-    "forward_only": (True, False, False, False),
-    "target_only": (False, True, False, False),
-    "targets_detached": (True, False, True, False),
-    "sources_only": (False, True, False, True),
-    "cycle_pair": (False, False, True, True),
-}
+# which inputs require grad: every non-empty subset (the backward's need_grad bits 1..15),
+# named by the inputs in it, e.g. "forward_pred+cycle_pred" (targets detached)
+REQUIRES = {"+".join(n for n, r in zip(NAMES, bits) if r): bits
+            for bits in (tuple(bool(k >> i & 1) for i in range(4)) for k in range(1, 16))}
 
 
 @pytest.mark.parametrize("requires", REQUIRES.values(), ids=REQUIRES.keys())
+@pytest.mark.parametrize("mask", ("some", "all_excluded"))
 @pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=DTYPE_IDS.get)
-def test_partial_requires_grad(backend, dtype, distance, requires):
-    tensors, m = make_inputs(AWKWARD, mask="some", seed=4)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_partial_requires_grad(backend, dtype, distance, mask, requires):
+    """Every need_grad subset, every dtype: each requested gradient against the oracle (NaN/Inf
+    in the excluded rows), none for the others."""
+    tensors, m = make_inputs(AWKWARD, mask=mask, seed=4)
     check_against_truth(backend, tensors, m, dtype, requires=requires, distance=distance,
-                        reduction="mean")
+                        reduction="mean", beta=0.5)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -193,19 +196,57 @@ def test_loss_scaled_before_backward(backend):
         torch.testing.assert_close(x.grad, y.grad.float())
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("distance", DISTANCES)
-def test_retain_graph_second_backward(backend, distance):
-    """A second backward through the same graph gives the same gradients (the eager path hands
-    its derivative buffers out with the first one and must recompute them)."""
+def test_retain_graph_second_backward(backend, distance, dtype):
+    """A second backward through the same graph (retain_graph) recomputes from the saved inputs
+    and gives bitwise the same gradients as the first, which match the oracle."""
     tensors, m = make_inputs(AWKWARD, mask="some", seed=8)
-    xs = [t.float().requires_grad_() for t in tensors]
-    with run_on(backend, OP):
+    xs = [t.to(dtype).requires_grad_() for t in poison(tensors, m)]
+    before = _backend.backward_calls[(OP, backend)]
+    with run_on(backend, OP, backward=True):
         loss = cycle_reconstruction_loss(*xs, mask=m, distance=distance)
-        first = torch.autograd.grad(loss, xs, retain_graph=True)
-        first = [g.clone() for g in first]
+        first = [g.clone() for g in torch.autograd.grad(loss, xs, retain_graph=True)]
         second = torch.autograd.grad(loss, xs)
-    for a, b in zip(first, second):
-        torch.testing.assert_close(a, b)
+    assert _backend.backward_calls[(OP, backend)] - before == 2
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"d {name}: the second backward differs from the first"
+    ys = [t.clone().requires_grad_() for t in tensors]
+    truth = torch.autograd.grad(ref.cycle_reconstruction_loss(*ys, mask=m, distance=distance), ys)
+    if dtype == torch.float32:
+        for name, a, t in zip(NAMES, first, truth):
+            assert_close_dtype(a, t, f"d {name}")
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=DTYPE_IDS.get)
+def test_forward_saves_no_derivative_buffer(backend, dtype, distance):
+    """The forward kernel returns the (2, ...) terms alone, and the graph keeps no tensor of the
+    inputs' size other than the inputs themselves (no derivative buffers, no fp32 copies): every
+    saved tensor of that size is one of the four inputs."""
+    tensors, m = make_inputs(AWKWARD, mask="some", seed=17)
+    xs = [t.to(dtype).requires_grad_() for t in tensors]
+    with run_on(backend, OP), torch.no_grad():
+        terms = torch.ops.robustmm.cycle_loss_forward(backend, *xs, m, DISTANCE_CODES[distance],
+                                                      0.5)
+    assert isinstance(terms, torch.Tensor) and terms.shape == (2, *AWKWARD[:-1])
+    assert terms.dtype == torch.float32
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with run_on(backend, OP):
+            loss = cycle_reconstruction_loss(*xs, mask=m, distance=distance)
+    big = [t for t in saved if t.numel() >= xs[0].numel()]
+    inputs = {x.data_ptr() for x in xs}
+    assert len(big) == 4 and all(t.data_ptr() in inputs and t.dtype == dtype for t in big), (
+        [(tuple(t.shape), t.dtype) for t in big])
+    with run_on(backend, OP, backward=True):
+        loss.backward()
+    assert all(x.grad is not None and x.grad.dtype == dtype for x in xs)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -332,22 +373,69 @@ def _opcheck_samples():
 def test_opcheck_forward(backend, sample_idx):
     xs, m, code = _opcheck_samples()[sample_idx]
     with run_on(backend, OP):
-        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward,
-                              (backend, *xs, m, code, 0.5, True))
-        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward,
-                              (backend, *xs, m, code, 0.5, False))
+        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward, (backend, *xs, m, code, 0.5))
 
 
-@pytest.mark.parametrize("need_grad", (15, 1, 2, 10))
+@pytest.mark.parametrize("need_grad", (15, 1, 2, 10, 0))
 @pytest.mark.parametrize("sample_idx", range(4))
 def test_opcheck_backward(backend, sample_idx, need_grad):
     xs, m, code = _opcheck_samples()[sample_idx]
-    with torch.no_grad():
-        _, *grads = torch.ops.robustmm.cycle_loss_forward(backend, *xs, m, code, 0.5, True)
-    grad_terms = torch.randn((2, *xs[0].shape[:-1]), dtype=grads[0].dtype)
-    with run_on(backend, OP):
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    grad_terms = torch.randn((2, *xs[0].shape[:-1]), dtype=acc)
+    with run_on(backend, OP, backward=True):
         opcheck_kernel_op(torch.ops.robustmm.cycle_loss_backward,
-                              (backend, grad_terms, *grads, m, code, need_grad, xs[0].dtype))
+                          (backend, grad_terms, *xs, m, code, 0.5, need_grad))
+
+
+# ---------------------------------------------------------------- the backward kernel itself
+
+def _raw_backward_truth(grad_terms, tensors, mask, distance, beta):
+    """d sum(grad_terms * row_terms) / d inputs in fp64 by autograd: what the backward op must
+    return for every input (the oracle for its raw outputs)."""
+    xs = [t.detach().double().requires_grad_() for t in tensors]
+    terms = ref_cycle_loss.row_terms(*xs, mask, distance, beta)
+    g = grad_terms.double()
+    if mask is not None:
+        g = torch.where(mask, g, torch.zeros((), dtype=torch.float64))
+    return torch.autograd.grad(terms, xs, g)
+
+
+@pytest.mark.parametrize("mask", ("none", "some", "all_excluded"))
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_backward_kernel_every_need_grad(backend, dtype, distance, mask):
+    """cycle_loss_backward of this backend called directly, for all 16 need_grad masks, with NaN
+    in the excluded rows of the inputs and of grad_terms: each wanted gradient against fp64
+    autograd of the row terms (exact 0 at excluded rows, in the inputs' dtype), numel 0 for
+    the others."""
+    tensors, m = make_inputs(AWKWARD, mask=mask, seed=18)
+    xs = [t.to(dtype) for t in poison(tensors, m)]
+    code = DISTANCE_CODES[distance]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(19)
+    grad_terms = torch.randn((2, *AWKWARD[:-1]), generator=gen, dtype=torch.float64)
+    truth = _raw_backward_truth(grad_terms, [t.to(dtype).double() for t in tensors], m, distance,
+                                0.5)
+    gt = grad_terms.to(acc)
+    if m is not None:
+        gt[:, ~m] = float("nan")  # excluded rows: never read
+    lowp = None
+    if dtype in LOW_PRECISION:  # the reference backend's own error in this dtype
+        lowp = _ReferenceKernel.cycle_loss_backward(gt, *xs, m, code, 0.5, 15)
+    for need_grad in range(16):
+        with run_on(backend, OP, backward=True):
+            got = torch.ops.robustmm.cycle_loss_backward(backend, gt, *xs, m, code, 0.5, need_grad)
+        assert len(got) == 4
+        for i, (name, g, t) in enumerate(zip(NAMES, got, truth)):
+            assert g.dtype == dtype, f"need_grad {need_grad}: d {name} is {g.dtype}"
+            if not need_grad >> i & 1:
+                assert g.numel() == 0, f"need_grad {need_grad}: d {name} was computed"
+                continue
+            assert torch.isfinite(g).all(), f"need_grad {need_grad}: d {name} not finite"
+            if m is not None:
+                assert (g[~m] == 0).all(), f"need_grad {need_grad}: d {name} at excluded rows"
+            assert_close_dtype(g, t, f"need_grad {need_grad}: d {name}",
+                               None if lowp is None else lowp[i])
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -442,28 +530,41 @@ def test_cpp_kernel_checks_its_arguments():
     ops = torch.ops.robustmm_C
     xs, m = _good()
     with pytest.raises(ValueError, match="target"):
-        ops.cycle_loss_forward(xs[0], xs[1][..., :-1], xs[2], xs[3], m, 0, 1.0, True)
+        ops.cycle_loss_forward(xs[0], xs[1][..., :-1], xs[2], xs[3], m, 0, 1.0)
     with pytest.raises(TypeError, match="source"):
-        ops.cycle_loss_forward(xs[0], xs[1], xs[2], xs[3].double(), m, 0, 1.0, True)
+        ops.cycle_loss_forward(xs[0], xs[1], xs[2], xs[3].double(), m, 0, 1.0)
     with pytest.raises(ValueError, match="mask"):
-        ops.cycle_loss_forward(*xs, m[:, :-1], 0, 1.0, True)
+        ops.cycle_loss_forward(*xs, m[:, :-1], 0, 1.0)
     with pytest.raises(TypeError, match="mask"):
-        ops.cycle_loss_forward(*xs, m.float(), 0, 1.0, True)
+        ops.cycle_loss_forward(*xs, m.float(), 0, 1.0)
     with pytest.raises(ValueError, match="distance"):
-        ops.cycle_loss_forward(*xs, m, 7, 1.0, True)
+        ops.cycle_loss_forward(*xs, m, 7, 1.0)
     with pytest.raises(ValueError, match="beta"):
-        ops.cycle_loss_forward(*xs, m, 2, 0.0, True)
-    _, *grads = ops.cycle_loss_forward(*xs, m, 0, 1.0, True)
-    grad_terms = torch.ones(2, *xs[0].shape[:-1])
+        ops.cycle_loss_forward(*xs, m, 2, 0.0)
+    with pytest.raises(TypeError, match="forward_pred"):
+        ops.cycle_loss_forward(*(x.long() for x in xs), m, 0, 1.0)
+    terms = ops.cycle_loss_forward(*xs, m, 0, 1.0)
+    assert terms.shape == (2, *xs[0].shape[:-1]) and terms.dtype == torch.float32
+    grad_terms = torch.ones_like(terms)
     with pytest.raises(ValueError, match="grad_terms"):
-        ops.cycle_loss_backward(grad_terms[:, :-1], *grads, m, 0, 15, torch.float32)
+        ops.cycle_loss_backward(grad_terms[:, :-1], *xs, m, 0, 1.0, 15)
+    with pytest.raises(TypeError, match="grad_terms"):
+        ops.cycle_loss_backward(grad_terms.double(), *xs, m, 0, 1.0, 15)
     with pytest.raises(ValueError, match="need_grad"):
-        ops.cycle_loss_backward(grad_terms, *grads, m, 0, 16, torch.float32)
-    with pytest.raises(TypeError, match="grad_forward"):
-        ops.cycle_loss_backward(grad_terms.double(), grads[0].double(), grads[1], grads[2].double(),
-                                grads[3], m, 0, 15, torch.float32)
-    with pytest.raises(ValueError, match="second gradient"):
-        ops.cycle_loss_scale_(grad_terms, grads[0], grads[1], grads[2], grads[3], m, 0, 3)
+        ops.cycle_loss_backward(grad_terms, *xs, m, 0, 1.0, 16)
+    with pytest.raises(ValueError, match="need_grad"):
+        ops.cycle_loss_backward(grad_terms, *xs, m, 0, 1.0, -1)
+    with pytest.raises(ValueError, match="cycle_pred"):
+        ops.cycle_loss_backward(grad_terms, xs[0], xs[1], xs[2][..., :-1], xs[3], m, 0, 1.0, 15)
+    with pytest.raises(TypeError, match="target"):
+        ops.cycle_loss_backward(grad_terms, xs[0], xs[1].half(), xs[2], xs[3], m, 0, 1.0, 15)
+    with pytest.raises(ValueError, match="mask"):
+        ops.cycle_loss_backward(grad_terms, *xs, m[:, :-1], 0, 1.0, 15)
+    with pytest.raises(ValueError, match="distance"):
+        ops.cycle_loss_backward(grad_terms, *xs, m, 4, 1.0, 15)
+    with pytest.raises(ValueError, match="beta"):
+        ops.cycle_loss_backward(grad_terms, *xs, m, 2, 0.0, 15)
+    assert not hasattr(ops, "cycle_loss_scale_")  # the in-place backward is gone
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -99,7 +99,7 @@ def check(backend, dtype, shape, *, distance, reduction="none", mask="some", off
     kw = dict(distance=distance, reduction=reduction, **kw)
     leaves = [on_gpu(t, dtype, grad=r, offset=offset) for t, r in zip(poison(tensors, m), requires)]
     mg = on_gpu(m)
-    with run_on(backend, OP):
+    with run_on(backend, OP, backward=any(requires)):
         loss, grads = run(cycle_reconstruction_loss, leaves, mg, up, **kw)
     clean = [on_gpu(t, dtype, grad=r) for t, r in zip(tensors, requires)]
     loss_lp, grads_lp = run(ref.cycle_reconstruction_loss, clean, mg, up, **kw)
@@ -256,9 +256,9 @@ def _raw_inputs(shape, dtype, mask, seed):
 @pytest.mark.parametrize("shape", ((9, 4, 6, 128), AWKWARD, (3, 4099)), ids=lambda s: "x".join(map(str, s)))
 def test_raw_kernels_match_cpp(gpu_backend, shape, distance, dtype):
     """cycle_loss_forward / cycle_loss_backward of this backend on CUDA tensors against the C++
-    kernel on the same values on the CPU (and the reference backend's kernel on CUDA): terms, the
-    stored derivatives (numel 0 where none is stored) and every need_grad combination of the
-    backward, with NaN in the excluded rows of the inputs and of grad_terms."""
+    kernel on the same values on the CPU (and the reference backend's kernel on CUDA): the
+    terms, and the gradients of every need_grad combination (numel 0 where not asked for), with
+    NaN in the excluded rows of the inputs and of grad_terms."""
     require_cpp()
     xs, m = _raw_inputs(shape, dtype, "some", seed=12)
     code = DISTANCE_CODES[distance]
@@ -266,24 +266,20 @@ def test_raw_kernels_match_cpp(gpu_backend, shape, distance, dtype):
     cpu_ops = torch.ops.robustmm_C
     tol = RAW_TOLS[torch.float64 if dtype == torch.float64 else torch.float32]
     gpu_xs, gpu_m = [on_gpu(x) for x in xs], on_gpu(m)
-    for need_grad in (False, True):
-        got = kernel.cycle_loss_forward(*gpu_xs, gpu_m, code, 0.5, need_grad)
-        want = cpu_ops.cycle_loss_forward(*xs, m, code, 0.5, need_grad)
-        refk = _ReferenceKernel.cycle_loss_forward(*gpu_xs, gpu_m, code, 0.5, need_grad)
-        for i, (g, w, r) in enumerate(zip(got, want, refk)):
-            assert g.device.type == DEV.type and g.dtype == w.dtype and g.shape == w.shape, f"output {i}"
-            assert r.shape == w.shape, f"output {i}"
-            torch.testing.assert_close(g.cpu(), w, **tol, msg=lambda s: f"output {i} vs cpp: {s}")
-            torch.testing.assert_close(g, r, **tol, msg=lambda s: f"output {i} vs reference: {s}")
-    derivs = want[1:]  # need_grad=True's
-    acc = derivs[0].dtype
+    got = kernel.cycle_loss_forward(*gpu_xs, gpu_m, code, 0.5)
+    want = cpu_ops.cycle_loss_forward(*xs, m, code, 0.5)
+    refk = _ReferenceKernel.cycle_loss_forward(*gpu_xs, gpu_m, code, 0.5)
+    assert got.device.type == DEV.type and got.dtype == want.dtype and got.shape == want.shape
+    assert refk.shape == want.shape
+    torch.testing.assert_close(got.cpu(), want, **tol, msg=lambda s: f"terms vs cpp: {s}")
+    torch.testing.assert_close(got, refk, **tol, msg=lambda s: f"terms vs reference: {s}")
     gen = torch.Generator().manual_seed(13)
-    grad_terms = torch.randn((2, *shape[:-1]), generator=gen, dtype=acc)
+    grad_terms = torch.randn((2, *shape[:-1]), generator=gen, dtype=want.dtype)
     grad_terms[:, ~m] = float("nan")  # excluded rows: never read
-    for need_grad in (15, 1, 2, 3, 4, 8, 12, 5, 10):
-        got = kernel.cycle_loss_backward(on_gpu(grad_terms), *(on_gpu(d) for d in derivs), gpu_m,
-                                         code, need_grad, dtype)
-        want = cpu_ops.cycle_loss_backward(grad_terms, *derivs, m, code, need_grad, dtype)
+    for need_grad in range(16):
+        got = kernel.cycle_loss_backward(on_gpu(grad_terms), *gpu_xs, gpu_m, code, 0.5, need_grad)
+        want = cpu_ops.cycle_loss_backward(grad_terms, *xs, m, code, 0.5, need_grad)
+        assert len(got) == 4
         for i, (g, w) in enumerate(zip(got, want)):
             assert g.dtype == dtype and g.shape == w.shape, f"need_grad {need_grad}: output {i}"
             assert g.numel() == (w.numel() if need_grad >> i & 1 else 0)
@@ -300,28 +296,32 @@ def test_cuda_kernel_checks_its_arguments():
     tensors, m = make_inputs(AWKWARD, mask="some")
     xs, m = [t.float().to(DEV) for t in tensors], m.to(DEV)
     with pytest.raises(ValueError, match="target"):
-        ops.cycle_loss_forward(xs[0], xs[1][..., :-1], xs[2], xs[3], m, 0, 1.0, True)
+        ops.cycle_loss_forward(xs[0], xs[1][..., :-1], xs[2], xs[3], m, 0, 1.0)
     with pytest.raises(TypeError, match="source"):
-        ops.cycle_loss_forward(xs[0], xs[1], xs[2], xs[3].double(), m, 0, 1.0, True)
+        ops.cycle_loss_forward(xs[0], xs[1], xs[2], xs[3].double(), m, 0, 1.0)
     with pytest.raises(RuntimeError, match="cycle_pred"):  # device
-        ops.cycle_loss_forward(xs[0], xs[1], xs[2].cpu(), xs[3], m, 0, 1.0, True)
+        ops.cycle_loss_forward(xs[0], xs[1], xs[2].cpu(), xs[3], m, 0, 1.0)
     with pytest.raises(ValueError, match="mask"):
-        ops.cycle_loss_forward(*xs, m[:, :-1], 0, 1.0, True)
+        ops.cycle_loss_forward(*xs, m[:, :-1], 0, 1.0)
     with pytest.raises(TypeError, match="mask"):
-        ops.cycle_loss_forward(*xs, m.float(), 0, 1.0, True)
+        ops.cycle_loss_forward(*xs, m.float(), 0, 1.0)
     with pytest.raises(ValueError, match="distance"):
-        ops.cycle_loss_forward(*xs, m, 7, 1.0, True)
+        ops.cycle_loss_forward(*xs, m, 7, 1.0)
     with pytest.raises(ValueError, match="beta"):
-        ops.cycle_loss_forward(*xs, m, 2, 0.0, True)
-    _, *grads = ops.cycle_loss_forward(*xs, m, 0, 1.0, True)
-    grad_terms = torch.ones(2, *xs[0].shape[:-1], device=DEV)
+        ops.cycle_loss_forward(*xs, m, 2, 0.0)
+    grad_terms = torch.ones_like(ops.cycle_loss_forward(*xs, m, 0, 1.0))
     with pytest.raises(ValueError, match="grad_terms"):
-        ops.cycle_loss_backward(grad_terms[:, :-1], *grads, m, 0, 15, torch.float32)
+        ops.cycle_loss_backward(grad_terms[:, :-1], *xs, m, 0, 1.0, 15)
+    with pytest.raises(TypeError, match="grad_terms"):
+        ops.cycle_loss_backward(grad_terms.double(), *xs, m, 0, 1.0, 15)
+    with pytest.raises(RuntimeError, match="grad_terms"):  # device
+        ops.cycle_loss_backward(grad_terms.cpu(), *xs, m, 0, 1.0, 15)
     with pytest.raises(ValueError, match="need_grad"):
-        ops.cycle_loss_backward(grad_terms, *grads, m, 0, 16, torch.float32)
-    with pytest.raises(TypeError, match="grad_forward"):
-        ops.cycle_loss_backward(grad_terms.double(), grads[0].double(), grads[1], grads[2].double(),
-                                grads[3], m, 0, 15, torch.float32)
+        ops.cycle_loss_backward(grad_terms, *xs, m, 0, 1.0, 16)
+    with pytest.raises(ValueError, match="source"):
+        ops.cycle_loss_backward(grad_terms, xs[0], xs[1], xs[2], xs[3][..., :-1], m, 0, 1.0, 15)
+    with pytest.raises(ValueError, match="beta"):
+        ops.cycle_loss_backward(grad_terms, *xs, m, 2, 0.0, 15)
 
 
 # ---------------------------------------------------------------- gradcheck, opcheck, torch.compile
@@ -350,22 +350,18 @@ def _opcheck_samples_gpu(sample_idx):
 def test_opcheck_forward(gpu_backend, sample_idx):
     xs, m, code = _opcheck_samples_gpu(sample_idx)
     with run_on(gpu_backend, OP):
-        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward,
-                              (gpu_backend, *xs, m, code, 0.5, True))
-        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward,
-                              (gpu_backend, *xs, m, code, 0.5, False))
+        opcheck_kernel_op(torch.ops.robustmm.cycle_loss_forward, (gpu_backend, *xs, m, code, 0.5))
 
 
-@pytest.mark.parametrize("need_grad", (15, 1, 2, 10))
+@pytest.mark.parametrize("need_grad", (15, 1, 2, 10, 0))
 @pytest.mark.parametrize("sample_idx", range(4))
 def test_opcheck_backward(gpu_backend, sample_idx, need_grad):
     xs, m, code = _opcheck_samples_gpu(sample_idx)
-    with torch.no_grad(), run_on(gpu_backend, OP):
-        _, *grads = torch.ops.robustmm.cycle_loss_forward(gpu_backend, *xs, m, code, 0.5, True)
-    grad_terms = torch.randn((2, *xs[0].shape[:-1]), dtype=grads[0].dtype, device=DEV)
-    with run_on(gpu_backend, OP):
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    grad_terms = torch.randn((2, *xs[0].shape[:-1]), dtype=acc, device=DEV)
+    with run_on(gpu_backend, OP, backward=True):
         opcheck_kernel_op(torch.ops.robustmm.cycle_loss_backward,
-                              (gpu_backend, grad_terms, *grads, m, code, need_grad, xs[0].dtype))
+                          (gpu_backend, grad_terms, *xs, m, code, 0.5, need_grad))
 
 
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))

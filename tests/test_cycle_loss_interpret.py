@@ -41,12 +41,15 @@ BETA = 0.5  # smooth_l1: randn differences fall on both sides
 @contextlib.contextmanager
 def triton_ran(calls: int):
     """Run the block on the triton backend and check that exactly `calls` cycle_loss ops
-    (forward + backward) ran on it, and that it ran last."""
+    (forward + backward) ran on it, the backward among them when calls > 1, and that it ran
+    last."""
     before = _backend.backend_calls[(OP, "triton")]
+    before_backward = _backend.backward_calls[(OP, "triton")]
     with robustmm_fast.use_backend("triton"):
         yield
     assert robustmm_fast.last_backend(OP) == "triton"
     assert _backend.backend_calls[(OP, "triton")] - before == calls
+    assert _backend.backward_calls[(OP, "triton")] - before_backward == calls - 1
 
 
 def seeded(*key):
@@ -160,11 +163,15 @@ def test_smooth_l1_beta(beta):
     check_against_reference(ins, mask, gen, distance="smooth_l1", beta=beta)
 
 
+# every subset of the inputs (need_grad bits 0..15)
+SUBSETS = [tuple(n for i, n in enumerate(NAMES) if k >> i & 1) for k in range(16)]
+
+
 @pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("requires", [("forward_pred",), ("forward_pred", "cycle_pred"),
-                                      ("target",), ("target", "source"), ()])
+@pytest.mark.parametrize("requires", SUBSETS, ids=lambda r: "+".join(r) or "none")
 def test_partial_requires_grad(distance, requires):
-    """Detached targets (and only-target gradients): the backward writes only what is asked."""
+    """Every need_grad subset (detached targets, one side only, ...): the backward writes only
+    what is asked, each against the reference."""
     gen = seeded("partial", distance, requires)
     ins, mask = make_inputs((2, 3, 37), torch.float32, gen, "some", requires=requires)
     check_against_reference(ins, mask, gen, distance=distance, beta=BETA)
@@ -208,7 +215,7 @@ def test_cosine_zero_vectors(monkeypatch, block_d):
     for t in ins:
         t.requires_grad_(True)
     _, got = check_against_reference(ins, mask, gen, distance="cosine", reduction="none")
-    terms = K.cycle_loss_forward(*(t.detach() for t in ins), None, 3, 1.0, False)[0]
+    terms = K.cycle_loss_forward(*(t.detach() for t in ins), None, 3, 1.0)
     assert terms[0, 0, 0] == 1 and terms[0, 0, 2] == 1 and terms[1, 1, 3] == 1
     # a zero row's own derivative is 0 (the norm's derivative at 0), its partner's is not
     assert (got[0][0, 2] == 0).all() and (got[1][0, 2] == 0).all()
@@ -244,54 +251,65 @@ def test_float64_matches_reference(distance):
     gen = seeded("fp64", distance)
     ins, mask = make_inputs((2, 3, 37), torch.float64, gen, "some")
     check_against_reference(ins, mask, gen, tol=1e-12, distance=distance, beta=0.1)
-    terms = K.cycle_loss_forward(*(t.detach() for t in ins), mask, 0, 1.0, False)[0]
+    terms = K.cycle_loss_forward(*(t.detach() for t in ins), mask, 0, 1.0)
     assert terms.dtype == torch.float64 and terms.shape == (2, 2, 3)
 
 
 # ---- the kernel interface itself ----
 
 def raw_outputs(kernel, ins, mask, code, beta, need_grad_bits):
-    """Forward outputs and, for every need_grad bitmask, the backward outputs of one kernel."""
-    fwd = kernel.cycle_loss_forward(*ins, mask, code, beta, True)
-    grad_terms = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(1),
-                             dtype=fwd[0].dtype)
-    bwd = {bits: kernel.cycle_loss_backward(grad_terms, *fwd[1:], mask, code, bits, ins[0].dtype)
+    """The forward's terms and, for every need_grad bitmask, the backward outputs of one kernel
+    (grad_terms NaN at excluded rows: never read)."""
+    terms = kernel.cycle_loss_forward(*ins, mask, code, beta)
+    grad_terms = torch.randn(terms.shape, generator=torch.Generator().manual_seed(1),
+                             dtype=torch.float64).to(terms.dtype)
+    if mask is not None:
+        grad_terms[:, ~mask] = float("nan")
+    bwd = {bits: kernel.cycle_loss_backward(grad_terms, *ins, mask, code, beta, bits)
            for bits in need_grad_bits}
-    return fwd, bwd
+    return terms, bwd
 
 
-def compare_raw(got, want, tol):
-    (fwd, bwd), (fwd_w, bwd_w) = got, want
-    for name, a, b in zip(["terms", "grad_forward", "grad_target", "grad_cycle", "grad_source"], fwd, fwd_w):
-        assert_close(a, b, tol, tol, name)
+def compare_raw(got, want, tol, mask=None):
+    (terms, bwd), (terms_w, bwd_w) = got, want
+    assert_close(terms, terms_w, tol, tol, "terms")
     for bits in bwd:
-        for name, a, b in zip(NAMES, bwd[bits], bwd_w[bits]):
+        assert len(bwd[bits]) == 4
+        for i, (name, a, b) in enumerate(zip(NAMES, bwd[bits], bwd_w[bits])):
+            if not bits >> i & 1:
+                assert a.numel() == 0, f"d{name} (need_grad {bits}) was computed"
+            else:
+                assert a.numel() > 0, f"d{name} (need_grad {bits}) is missing"
             assert_close(a, b, tol, tol, f"d{name} (need_grad {bits})")
-            assert a.numel() == (0 if not bits & (1 << NAMES.index(name)) else b.numel())
+            if a.numel():
+                assert torch.isfinite(a).all(), f"d{name} (need_grad {bits}) not finite"
+                if mask is not None:
+                    assert (a[~mask] == 0).all(), f"d{name} (need_grad {bits}) at excluded rows"
 
 
+@pytest.mark.parametrize("mask_kind", ["some", "excluded", "none"])
 @pytest.mark.parametrize("distance", DISTANCES)
-def test_kernel_interface_matches_reference_kernel(distance):
-    """Raw outputs (stored derivatives, empties, every need_grad bitmask) = the reference kernel's."""
-    gen = seeded("raw", distance)
-    ins, mask = make_inputs((2, 3, 37), torch.float32, gen, "some", requires=())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_kernel_interface_matches_reference_kernel(distance, dtype, mask_kind):
+    """Raw outputs (terms; the gradients of every need_grad bitmask, in the inputs' dtype, numel 0
+    where not asked for) = the reference kernel's, with NaN in the excluded rows."""
+    gen = seeded("raw", distance, dtype, mask_kind)
+    ins, mask = make_inputs((2, 3, 37), dtype, gen, mask_kind, requires=())
     code = DISTANCE_CODES[distance]
+    # low precision: both round an fp32 result once, so they differ by at most an ulp
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3,
+           torch.bfloat16: 1.6e-2}[dtype]
     got = raw_outputs(K, ins, mask, code, BETA, range(16))
-    compare_raw(got, raw_outputs(_ReferenceKernel, ins, mask, code, BETA, range(16)), 1e-5)
-    terms, gf, gt, gc, gs = got[0]
-    assert terms.shape == (2, 2, 3) and terms.dtype == torch.float32
-    full = ins[0].shape
-    assert gf.shape == full and gc.shape == full
-    assert (gt.shape, gs.shape) == ((full, full) if distance == "cosine" else ((0,), (0,)))
-    no_grad = K.cycle_loss_forward(*ins, mask, code, BETA, False)
-    torch.testing.assert_close(no_grad[0], terms, atol=0, rtol=0)
-    assert all(g.numel() == 0 and g.dtype == torch.float32 for g in no_grad[1:])
+    compare_raw(got, raw_outputs(_ReferenceKernel, ins, mask, code, BETA, range(16)), tol, mask)
+    terms, bwd = got
+    assert terms.shape == (2, 2, 3)
+    assert terms.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert all(g.dtype == dtype for g in bwd[15])
     # non-contiguous inputs are handled
     ins_t = [torch.randn(37, 6, generator=gen).t() for _ in NAMES]
-    a = K.cycle_loss_forward(*ins_t, None, code, BETA, True)
-    b = K.cycle_loss_forward(*(t.contiguous() for t in ins_t), None, code, BETA, True)
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    a = raw_outputs(K, ins_t, None, code, BETA, [15])
+    b = raw_outputs(K, [t.contiguous() for t in ins_t], None, code, BETA, [15])
+    compare_raw(a, b, 0, None)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -302,43 +320,49 @@ def test_kernel_matches_cpp(distance, dtype):
     gen = seeded("cpp", distance, dtype)
     ins, mask = make_inputs((2, 3, 37), dtype, gen, "some", requires=())
     code = DISTANCE_CODES[distance]
-    bits = (15, 1, 2, 5, 10)
+    bits = (15, 1, 2, 5, 10, 0)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     compare_raw(raw_outputs(K, ins, mask, code, BETA, bits),
-                raw_outputs(torch.ops.robustmm_C, ins, mask, code, BETA, bits), tol)
+                raw_outputs(torch.ops.robustmm_C, ins, mask, code, BETA, bits), tol, mask)
 
 
 def test_kernel_argument_errors():
     x = torch.zeros(2, 4)
     fwd = K.cycle_loss_forward
     with pytest.raises(TypeError, match="target"):
-        fwd(x, x.double(), x, x, None, 0, 1.0, True)
+        fwd(x, x.double(), x, x, None, 0, 1.0)
     with pytest.raises(TypeError, match="int64"):
-        fwd(x.long(), x.long(), x.long(), x.long(), None, 0, 1.0, True)
+        fwd(x.long(), x.long(), x.long(), x.long(), None, 0, 1.0)
     with pytest.raises(ValueError, match="source"):
-        fwd(x, x, x, torch.zeros(2, 5), None, 0, 1.0, True)
+        fwd(x, x, x, torch.zeros(2, 5), None, 0, 1.0)
     with pytest.raises(ValueError, match="D > 0"):
         e = torch.zeros(2, 0)
-        fwd(e, e, e, e, None, 0, 1.0, True)
+        fwd(e, e, e, e, None, 0, 1.0)
     with pytest.raises(ValueError, match="distance"):
-        fwd(x, x, x, x, None, 4, 1.0, True)
+        fwd(x, x, x, x, None, 4, 1.0)
     with pytest.raises(ValueError, match="beta"):
-        fwd(x, x, x, x, None, 2, 0.0, True)
+        fwd(x, x, x, x, None, 2, 0.0)
     with pytest.raises(TypeError, match="mask"):
-        fwd(x, x, x, x, torch.ones(2), 0, 1.0, True)
+        fwd(x, x, x, x, torch.ones(2), 0, 1.0)
     with pytest.raises(ValueError, match="mask"):
-        fwd(x, x, x, x, torch.ones(3, dtype=torch.bool), 0, 1.0, True)
-    _, gf, gt, gc, gs = fwd(x, x, x, x, None, 0, 1.0, True)
-    gterms = torch.zeros(2, 2)
+        fwd(x, x, x, x, torch.ones(3, dtype=torch.bool), 0, 1.0)
+    gterms = fwd(x, x, x, x, None, 0, 1.0)
+    assert gterms.shape == (2, 2)
     bwd = K.cycle_loss_backward
-    with pytest.raises(TypeError, match="grad_forward"):
-        bwd(gterms, gf, gt, gc, gs, None, 0, 15, torch.float64)
+    with pytest.raises(TypeError, match="grad_terms"):
+        bwd(gterms.double(), x, x, x, x, None, 0, 1.0, 15)
     with pytest.raises(ValueError, match="grad_terms"):
-        bwd(torch.zeros(2, 3), gf, gt, gc, gs, None, 0, 15, torch.float32)
-    with pytest.raises(ValueError, match="grad_target"):
-        bwd(gterms, gf, gt, gc, gs, None, 3, 15, torch.float32)  # cosine needs grad_target
+        bwd(torch.zeros(2, 3), x, x, x, x, None, 0, 1.0, 15)
+    with pytest.raises(ValueError, match="cycle_pred"):
+        bwd(gterms, x, x, torch.zeros(2, 5), x, None, 3, 1.0, 15)
+    with pytest.raises(TypeError, match="target"):
+        bwd(gterms, x, x.half(), x, x, None, 3, 1.0, 15)
     with pytest.raises(ValueError, match="need_grad"):
-        bwd(gterms, gf, gt, gc, gs, None, 0, 16, torch.float32)
+        bwd(gterms, x, x, x, x, None, 0, 1.0, 16)
+    with pytest.raises(ValueError, match="beta"):
+        bwd(gterms, x, x, x, x, None, 2, 0.0, 15)
+    with pytest.raises(ValueError, match="mask"):
+        bwd(gterms, x, x, x, x, torch.ones(3, dtype=torch.bool), 0, 1.0, 15)
 
 
 @pytest.mark.parametrize("shape", [(0, 8), (0, 3, 13)])

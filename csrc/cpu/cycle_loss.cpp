@@ -1,16 +1,24 @@
 // cycle_reconstruction_loss on the CPU: the forward reads the four tensors once and writes each
-// row's two terms and, for training, each row distance's derivatives; the backward scales the
-// derivatives by the upstream gradient of the row's term. Parallel over rows (at::parallel_for).
-// The math is csrc/include/robustmm/cycle_loss.h.
+// row's two terms; the backward reads them once more, recomputes each row distance's derivatives
+// and writes the gradients (the upstream gradient of the row's term times the derivative)
+// directly, so no tensor of the inputs' size exists between the two. Parallel over rows
+// (at::parallel_for). The math is csrc/include/robustmm/cycle_loss.h.
 //
-// Vectorization: the float32 path on AVX2+FMA machines is written in intrinsics, so that
-// freshly written tensors (the derivatives, and the backward's second gradient) can go out as
-// streaming stores that bypass the cache when the call's tensors would not fit in it anyway: a
-// normal store first reads the line it writes, so streaming halves a written tensor's traffic.
-// Other dtypes and the baseline ISA run the scalar template, which gcc vectorizes.
-// ROBUSTMM_CPU_CAPABILITY=default forces the baseline copy.
+// Backward per row and pair (a, b) with s = grad_terms[pair, row]:
+//   mse, l1, smooth_l1  elementwise: g = s / D * dd/da_i, written as +g (d a) and -g (d b) from
+//                       the one computation, only to the gradients asked for;
+//   cosine              the row's dot and norms first (one pass), then the gradients from the
+//                       same row, still in L1 (a row of D = 128 floats is 512 bytes per tensor).
+// Accumulation in float32 (float64 for double), one rounding to the output dtype.
 //
-// Excluded rows (mask False) are never read: their terms and derivatives are written as 0.
+// Vectorization: the float32 path on AVX2+FMA machines is written in intrinsics, so that the
+// freshly written gradients can go out as streaming stores that bypass the cache when the call's
+// tensors would not fit in it anyway: a normal store first reads the line it writes, so
+// streaming halves a written tensor's traffic. Other dtypes and the baseline ISA run the scalar
+// template, which gcc vectorizes. ROBUSTMM_CPU_CAPABILITY=default forces the baseline copy.
+//
+// Excluded rows (mask False) are never read (neither the inputs nor grad_terms): their terms and
+// gradients are written as 0.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,6 +26,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -40,30 +49,24 @@ struct ForwardArgs {
   const scalar_t* cycle_pred;    // (rows, dim)
   const scalar_t* source;        // (rows, dim)
   const bool* mask;              // (rows,) True = include; nullable
-  acc_t* terms;                  // (2, rows)
-  acc_t* grad_forward;           // (rows, dim); null without need_grad
-  acc_t* grad_target;            // (rows, dim); cosine only
-  acc_t* grad_cycle;             // (rows, dim); null without need_grad
-  acc_t* grad_source;            // (rows, dim); cosine only
+  acc_t* terms;                  // (2, rows): forward terms, then cycle terms
   int64_t rows;
   int64_t dim;
   acc_t beta;
-  bool stream;  // streaming stores (see use_streaming_stores)
 };
 
 template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t* grad_terms;    // (2, rows)
-  const acc_t* grad_forward;  // (rows, dim)
-  const acc_t* grad_target;   // (rows, dim); cosine only
-  const acc_t* grad_cycle;    // (rows, dim)
-  const acc_t* grad_source;   // (rows, dim); cosine only
-  const bool* mask;           // (rows,); nullable
-  scalar_t* out[4];           // d forward_pred, d target, d cycle_pred, d source; nullable each
+  const acc_t* grad_terms;  // (2, rows): d loss / d terms
+  const scalar_t* in[4];    // forward_pred, target, cycle_pred, source: (rows, dim) each
+  const bool* mask;         // (rows,) True = include; nullable
+  scalar_t* out[4];         // d forward_pred, d target, d cycle_pred, d source: (rows, dim);
+                            // null where the need_grad bit is clear
   int64_t rows;
   int64_t dim;
-  bool stream;
+  acc_t beta;
+  bool stream;  // streaming stores (see use_streaming_stores)
 };
 
 // ---- scalar rows (every dtype; gcc vectorizes the loops) ----
@@ -71,36 +74,31 @@ struct BackwardArgs {
 // Sum over the row with independent lanes so the loop vectorizes without -ffast-math.
 constexpr int kLanes = 16;
 
-// A symmetric distance's row: returns its term, writes dd/da into g (when non-null).
+// A symmetric distance's row term (DIST = mse, l1, smooth_l1).
 template <int DIST, typename scalar_t, typename acc_t>
-RMM_ALWAYS_INLINE acc_t symmetric_row(const scalar_t* a, const scalar_t* b, acc_t* g, int64_t dim,
-                                      acc_t beta) {
+RMM_ALWAYS_INLINE acc_t symmetric_term(const scalar_t* a, const scalar_t* b, int64_t dim,
+                                       acc_t beta) {
   const acc_t inv_beta = DIST == kCycleSmoothL1 ? acc_t(1) / beta : acc_t(0);
-  const acc_t inv_dim = acc_t(1) / static_cast<acc_t>(dim);
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= dim; j += kLanes) {
     for (int k = 0; k < kLanes; ++k) {
-      const CycleElem<acc_t> e = cycle_elem<DIST, acc_t>(
-          static_cast<acc_t>(a[j + k]), static_cast<acc_t>(b[j + k]), beta, inv_beta);
-      lanes[k] += e.value;
-      if (g != nullptr) g[j + k] = e.grad * inv_dim;
+      lanes[k] += cycle_elem<DIST, acc_t>(static_cast<acc_t>(a[j + k]),
+                                          static_cast<acc_t>(b[j + k]), beta, inv_beta).value;
     }
   }
   acc_t sum = 0;
   for (int k = 0; k < kLanes; ++k) sum += lanes[k];
   for (; j < dim; ++j) {
-    const CycleElem<acc_t> e =
-        cycle_elem<DIST, acc_t>(static_cast<acc_t>(a[j]), static_cast<acc_t>(b[j]), beta, inv_beta);
-    sum += e.value;
-    if (g != nullptr) g[j] = e.grad * inv_dim;
+    sum += cycle_elem<DIST, acc_t>(static_cast<acc_t>(a[j]), static_cast<acc_t>(b[j]), beta,
+                                   inv_beta).value;
   }
-  return sum * inv_dim;
+  return sum * (acc_t(1) / static_cast<acc_t>(dim));
 }
 
+// A cosine row's term and derivative coefficients, from one pass over its dot and norms.
 template <typename scalar_t, typename acc_t>
-RMM_ALWAYS_INLINE acc_t cosine_row_scalar(const scalar_t* a, const scalar_t* b, acc_t* ga, acc_t* gb,
-                                          int64_t dim) {
+RMM_ALWAYS_INLINE CosineRow<acc_t> cosine_sums(const scalar_t* a, const scalar_t* b, int64_t dim) {
   acc_t dot[kLanes] = {}, na[kLanes] = {}, nb[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= dim; j += kLanes) {
@@ -123,18 +121,37 @@ RMM_ALWAYS_INLINE acc_t cosine_row_scalar(const scalar_t* a, const scalar_t* b, 
     n2a += x * x;
     n2b += y * y;
   }
-  const CosineRow<acc_t> c = cosine_row<acc_t>(d, n2a, n2b);
-  if (ga != nullptr) {
-    for (int64_t i = 0; i < dim; ++i) {
-      const acc_t x = static_cast<acc_t>(a[i]), y = static_cast<acc_t>(b[i]);
-      ga[i] = c.self_a * x + c.cross * y;
-      gb[i] = c.cross * x + c.self_b * y;
-    }
-  }
-  return c.term;
+  return cosine_row<acc_t>(d, n2a, n2b);
 }
 
-// ---- float32 rows in AVX2 intrinsics, derivatives written with streaming stores ----
+// out_a = c * dd/da, out_b = -c * dd/da of a symmetric distance (c = grad term / D); either
+// nullable (the loop is unswitched on them).
+template <int DIST, typename scalar_t, typename acc_t>
+RMM_ALWAYS_INLINE void symmetric_grad_row(const scalar_t* a, const scalar_t* b, scalar_t* out_a,
+                                          scalar_t* out_b, int64_t dim, acc_t c, acc_t beta) {
+  const acc_t inv_beta = DIST == kCycleSmoothL1 ? acc_t(1) / beta : acc_t(0);
+  for (int64_t j = 0; j < dim; ++j) {
+    const acc_t g = cycle_elem<DIST, acc_t>(static_cast<acc_t>(a[j]), static_cast<acc_t>(b[j]),
+                                            beta, inv_beta).grad * c;
+    if (out_a != nullptr) out_a[j] = static_cast<scalar_t>(g);
+    if (out_b != nullptr) out_b[j] = static_cast<scalar_t>(-g);
+  }
+}
+
+// A cosine pair's gradients scaled by s: out_a = s dd/da, out_b = s dd/db (either nullable).
+template <typename scalar_t, typename acc_t>
+RMM_ALWAYS_INLINE void cosine_grad_row(const scalar_t* a, const scalar_t* b, scalar_t* out_a,
+                                       scalar_t* out_b, int64_t dim, acc_t s) {
+  const CosineRow<acc_t> c = cosine_sums<scalar_t, acc_t>(a, b, dim);
+  const acc_t self_a = s * c.self_a, self_b = s * c.self_b, cross = s * c.cross;
+  for (int64_t i = 0; i < dim; ++i) {  // the row is still in L1
+    const acc_t x = static_cast<acc_t>(a[i]), y = static_cast<acc_t>(b[i]);
+    if (out_a != nullptr) out_a[i] = static_cast<scalar_t>(self_a * x + cross * y);
+    if (out_b != nullptr) out_b[i] = static_cast<scalar_t>(cross * x + self_b * y);
+  }
+}
+
+// ---- float32 rows in AVX2 intrinsics, gradients written with streaming stores ----
 // (out-of-line functions compiled for AVX2: one call per row, from either copy of the loops,
 // behind the run-time check)
 
@@ -183,12 +200,10 @@ RMM_AVX2_INLINE void elem8(__m256 a, __m256 b, __m256 beta, __m256 inv_beta, __m
 }
 
 template <int DIST>
-RMM_TARGET_AVX2 float symmetric_row_avx2(const float* a, const float* b, float* g, int64_t dim,
-                                         float beta, bool stream) {
-  const float inv_dim = 1.0f / static_cast<float>(dim);
+RMM_TARGET_AVX2 float symmetric_term_avx2(const float* a, const float* b, int64_t dim,
+                                          float beta) {
   const __m256 vbeta = _mm256_set1_ps(beta);
   const __m256 vinv_beta = _mm256_set1_ps(DIST == kCycleSmoothL1 ? 1.0f / beta : 0.0f);
-  const __m256 vinv_dim = _mm256_set1_ps(inv_dim);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= dim; j += 16) {
@@ -197,23 +212,14 @@ RMM_TARGET_AVX2 float symmetric_row_avx2(const float* a, const float* b, float* 
     elem8<DIST>(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), vbeta, vinv_beta, &v1, &g1);
     acc0 = _mm256_add_ps(acc0, v0);
     acc1 = _mm256_add_ps(acc1, v1);
-    if (g != nullptr) {
-      store8(g + j, _mm256_mul_ps(g0, vinv_dim), stream);
-      store8(g + j + 8, _mm256_mul_ps(g1, vinv_dim), stream);
-    }
   }
   float sum = hsum(_mm256_add_ps(acc0, acc1));
   const float inv_beta = DIST == kCycleSmoothL1 ? 1.0f / beta : 0.0f;
-  for (; j < dim; ++j) {
-    const CycleElem<float> e = cycle_elem<DIST, float>(a[j], b[j], beta, inv_beta);
-    sum += e.value;
-    if (g != nullptr) g[j] = e.grad * inv_dim;
-  }
-  return sum * inv_dim;
+  for (; j < dim; ++j) sum += cycle_elem<DIST, float>(a[j], b[j], beta, inv_beta).value;
+  return sum * (1.0f / static_cast<float>(dim));
 }
 
-RMM_TARGET_AVX2 float cosine_row_avx2(const float* a, const float* b, float* ga, float* gb,
-                                      int64_t dim, bool stream) {
+RMM_TARGET_AVX2 CosineRow<float> cosine_sums_avx2(const float* a, const float* b, int64_t dim) {
   __m256 dot = _mm256_setzero_ps(), na = _mm256_setzero_ps(), nb = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= dim; j += 8) {
@@ -228,53 +234,49 @@ RMM_TARGET_AVX2 float cosine_row_avx2(const float* a, const float* b, float* ga,
     n2a += a[j] * a[j];
     n2b += b[j] * b[j];
   }
-  const CosineRow<float> c = cosine_row<float>(d, n2a, n2b);
-  if (ga != nullptr) {
-    const __m256 self_a = _mm256_set1_ps(c.self_a), self_b = _mm256_set1_ps(c.self_b);
-    const __m256 cross = _mm256_set1_ps(c.cross);
-    int64_t i = 0;
-    for (; i + 8 <= dim; i += 8) {  // the row is still in L1
-      const __m256 x = _mm256_loadu_ps(a + i), y = _mm256_loadu_ps(b + i);
-      store8(ga + i, _mm256_fmadd_ps(self_a, x, _mm256_mul_ps(cross, y)), stream);
-      store8(gb + i, _mm256_fmadd_ps(cross, x, _mm256_mul_ps(self_b, y)), stream);
-    }
-    for (; i < dim; ++i) {
-      ga[i] = c.self_a * a[i] + c.cross * b[i];
-      gb[i] = c.cross * a[i] + c.self_b * b[i];
-    }
-  }
-  return c.term;
+  return cosine_row<float>(d, n2a, n2b);
 }
 
-// out_pos = s * g, out_neg = -s * g (either nullable).
-RMM_TARGET_AVX2 void scale_row_avx2(const float* g, float s, float* out_pos, float* out_neg,
-                                    int64_t dim, bool stream) {
-  const __m256 vs = _mm256_set1_ps(s), vneg = _mm256_set1_ps(-s);
+// symmetric_grad_row for float32: out_a = c dd/da, out_b = -out_a (the sign bit flipped).
+template <int DIST>
+RMM_TARGET_AVX2 void symmetric_grad_row_avx2(const float* a, const float* b, float* out_a,
+                                             float* out_b, int64_t dim, float c, float beta,
+                                             bool stream) {
+  const __m256 vc = _mm256_set1_ps(c), sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 vbeta = _mm256_set1_ps(beta);
+  const __m256 vinv_beta = _mm256_set1_ps(DIST == kCycleSmoothL1 ? 1.0f / beta : 0.0f);
   int64_t j = 0;
   for (; j + 8 <= dim; j += 8) {
-    const __m256 v = _mm256_loadu_ps(g + j);
-    if (out_pos != nullptr) store8(out_pos + j, _mm256_mul_ps(vs, v), stream);
-    if (out_neg != nullptr) store8(out_neg + j, _mm256_mul_ps(vneg, v), stream);
+    __m256 value, grad;
+    elem8<DIST>(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), vbeta, vinv_beta, &value, &grad);
+    const __m256 g = _mm256_mul_ps(grad, vc);
+    if (out_a != nullptr) store8(out_a + j, g, stream);
+    if (out_b != nullptr) store8(out_b + j, _mm256_xor_ps(g, sign_bit), stream);
   }
+  const float inv_beta = DIST == kCycleSmoothL1 ? 1.0f / beta : 0.0f;
   for (; j < dim; ++j) {
-    if (out_pos != nullptr) out_pos[j] = s * g[j];
-    if (out_neg != nullptr) out_neg[j] = -s * g[j];
+    const float g = cycle_elem<DIST, float>(a[j], b[j], beta, inv_beta).grad * c;
+    if (out_a != nullptr) out_a[j] = g;
+    if (out_b != nullptr) out_b[j] = -g;
   }
 }
-// g = s * g in place; with `other`, first other = -s * g (the symmetric distances' second
-// gradient, a fresh buffer: streamed).
-RMM_TARGET_AVX2 void scale_row_inplace_avx2(float* g, float s, float* other, int64_t dim,
-                                            bool stream) {
-  const __m256 vs = _mm256_set1_ps(s), vneg = _mm256_set1_ps(-s);
-  int64_t j = 0;
-  for (; j + 8 <= dim; j += 8) {
-    const __m256 v = _mm256_loadu_ps(g + j);
-    if (other != nullptr) store8(other + j, _mm256_mul_ps(vneg, v), stream);
-    _mm256_storeu_ps(g + j, _mm256_mul_ps(vs, v));
+
+// cosine_grad_row for float32: the sums, then the gradients from the row still in L1.
+RMM_TARGET_AVX2 void cosine_grad_row_avx2(const float* a, const float* b, float* out_a,
+                                          float* out_b, int64_t dim, float s, bool stream) {
+  const CosineRow<float> c = cosine_sums_avx2(a, b, dim);
+  const float self_a = s * c.self_a, self_b = s * c.self_b, cross = s * c.cross;
+  const __m256 vself_a = _mm256_set1_ps(self_a), vself_b = _mm256_set1_ps(self_b);
+  const __m256 vcross = _mm256_set1_ps(cross);
+  int64_t i = 0;
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 x = _mm256_loadu_ps(a + i), y = _mm256_loadu_ps(b + i);
+    if (out_a != nullptr) store8(out_a + i, _mm256_fmadd_ps(vself_a, x, _mm256_mul_ps(vcross, y)), stream);
+    if (out_b != nullptr) store8(out_b + i, _mm256_fmadd_ps(vcross, x, _mm256_mul_ps(vself_b, y)), stream);
   }
-  for (; j < dim; ++j) {
-    if (other != nullptr) other[j] = -s * g[j];
-    g[j] = s * g[j];
+  for (; i < dim; ++i) {
+    if (out_a != nullptr) out_a[i] = self_a * a[i] + cross * b[i];
+    if (out_b != nullptr) out_b[i] = cross * a[i] + self_b * b[i];
   }
 }
 #endif  // RMM_HAS_AVX2_CLONES
@@ -291,52 +293,46 @@ RMM_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begi
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = a.dim;
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t offset = r * dim;
-    auto row = [&](acc_t* p) { return p == nullptr ? nullptr : p + offset; };
-    if (a.mask != nullptr && !a.mask[r]) {
-      a.terms[r] = acc_t(0);
-      a.terms[a.rows + r] = acc_t(0);
-      zero_row(row(a.grad_forward), dim);
-      zero_row(row(a.grad_target), dim);
-      zero_row(row(a.grad_cycle), dim);
-      zero_row(row(a.grad_source), dim);
-      continue;
-    }
-    const scalar_t *fp = a.forward_pred + offset, *tg = a.target + offset;
-    const scalar_t *cp = a.cycle_pred + offset, *src = a.source + offset;
-    acc_t forward_term, cycle_term;
+    acc_t forward_term = acc_t(0), cycle_term = acc_t(0);
+    if (a.mask == nullptr || a.mask[r]) {
+      const int64_t offset = r * dim;
+      const scalar_t *fp = a.forward_pred + offset, *tg = a.target + offset;
+      const scalar_t *cp = a.cycle_pred + offset, *src = a.source + offset;
+      bool done = false;
 #if RMM_HAS_AVX2_CLONES
-    if constexpr (AVX2 && std::is_same_v<scalar_t, float>) {
-      if constexpr (DIST == kCycleCosine) {
-        forward_term = cosine_row_avx2(fp, tg, row(a.grad_forward), row(a.grad_target), dim, a.stream);
-        cycle_term = cosine_row_avx2(cp, src, row(a.grad_cycle), row(a.grad_source), dim, a.stream);
-      } else {
-        forward_term = symmetric_row_avx2<DIST>(fp, tg, row(a.grad_forward), dim, a.beta, a.stream);
-        cycle_term = symmetric_row_avx2<DIST>(cp, src, row(a.grad_cycle), dim, a.beta, a.stream);
+      if constexpr (AVX2 && std::is_same_v<scalar_t, float>) {
+        if constexpr (DIST == kCycleCosine) {
+          forward_term = cosine_sums_avx2(fp, tg, dim).term;
+          cycle_term = cosine_sums_avx2(cp, src, dim).term;
+        } else {
+          forward_term = symmetric_term_avx2<DIST>(fp, tg, dim, a.beta);
+          cycle_term = symmetric_term_avx2<DIST>(cp, src, dim, a.beta);
+        }
+        done = true;
       }
-      a.terms[r] = forward_term;
-      a.terms[a.rows + r] = cycle_term;
-      continue;
-    }
 #endif
-    if constexpr (DIST == kCycleCosine) {
-      forward_term = cosine_row_scalar(fp, tg, row(a.grad_forward), row(a.grad_target), dim);
-      cycle_term = cosine_row_scalar(cp, src, row(a.grad_cycle), row(a.grad_source), dim);
-    } else {
-      forward_term = symmetric_row<DIST>(fp, tg, row(a.grad_forward), dim, a.beta);
-      cycle_term = symmetric_row<DIST>(cp, src, row(a.grad_cycle), dim, a.beta);
+      if (!done) {
+        if constexpr (DIST == kCycleCosine) {
+          forward_term = cosine_sums<scalar_t, acc_t>(fp, tg, dim).term;
+          cycle_term = cosine_sums<scalar_t, acc_t>(cp, src, dim).term;
+        } else {
+          forward_term = symmetric_term<DIST>(fp, tg, dim, a.beta);
+          cycle_term = symmetric_term<DIST>(cp, src, dim, a.beta);
+        }
+      }
     }
     a.terms[r] = forward_term;
     a.terms[a.rows + r] = cycle_term;
   }
 }
 
-// d forward_pred / d target from the forward pair's derivatives (k = 0), d cycle_pred /
-// d source from the cycle pair's (k = 1). Symmetric distances: the second is -first.
-template <bool AVX2, bool COSINE, typename scalar_t>
+// Per row: the forward pair (forward_pred, target; grad_terms[0]) then the cycle pair
+// (cycle_pred, source; grad_terms[1]); a pair none of whose gradients is wanted is not read.
+template <bool AVX2, int DIST, typename scalar_t>
 RMM_ALWAYS_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = a.dim;
+  const acc_t inv_dim = acc_t(1) / static_cast<acc_t>(dim);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t offset = r * dim;
     auto row = [&](scalar_t* p) { return p == nullptr ? nullptr : p + offset; };
@@ -345,78 +341,26 @@ RMM_ALWAYS_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t be
       continue;
     }
     for (int pair = 0; pair < 2; ++pair) {
-      const acc_t s = a.grad_terms[pair * a.rows + r];
-      const acc_t* g = (pair == 0 ? a.grad_forward : a.grad_cycle) + offset;
       scalar_t* out_a = row(a.out[2 * pair]);
       scalar_t* out_b = row(a.out[2 * pair + 1]);
-      if constexpr (COSINE) {
-        const acc_t* gb = (pair == 0 ? a.grad_target : a.grad_source) + offset;
-        if (out_a != nullptr) {
-          for (int64_t j = 0; j < dim; ++j) out_a[j] = static_cast<scalar_t>(s * g[j]);
-        }
-        if (out_b != nullptr) {
-          for (int64_t j = 0; j < dim; ++j) out_b[j] = static_cast<scalar_t>(s * gb[j]);
-        }
-        continue;
-      }
+      if (out_a == nullptr && out_b == nullptr) continue;
+      const acc_t s = a.grad_terms[pair * a.rows + r];
+      const scalar_t* x = a.in[2 * pair] + offset;
+      const scalar_t* y = a.in[2 * pair + 1] + offset;
 #if RMM_HAS_AVX2_CLONES
       if constexpr (AVX2 && std::is_same_v<scalar_t, float>) {
-        scale_row_avx2(g, s, out_a, out_b, dim, a.stream);
+        if constexpr (DIST == kCycleCosine) {
+          cosine_grad_row_avx2(x, y, out_a, out_b, dim, s, a.stream);
+        } else {
+          symmetric_grad_row_avx2<DIST>(x, y, out_a, out_b, dim, s * inv_dim, a.beta, a.stream);
+        }
         continue;
       }
 #endif
-      if (out_a != nullptr) {
-        for (int64_t j = 0; j < dim; ++j) out_a[j] = static_cast<scalar_t>(s * g[j]);
-      }
-      if (out_b != nullptr) {
-        for (int64_t j = 0; j < dim; ++j) out_b[j] = static_cast<scalar_t>(-s * g[j]);
-      }
-    }
-  }
-}
-
-template <typename T>
-struct ScaleArgs {
-  const T* grad_terms;  // (2, rows)
-  T* first[2];          // per pair: the buffer scaled in place (null: neither gradient wanted)
-  T* second[2];         // per pair: a second output, null when not wanted
-  T sign[2];            // per pair: -1 when the first buffer becomes the negated gradient
-  bool cosine;          // second is scaled in place too (it holds its own derivative)
-  const bool* mask;
-  int64_t rows;
-  int64_t dim;
-  bool stream;
-};
-
-template <bool AVX2, typename T>
-RMM_ALWAYS_INLINE void scale_rows(const ScaleArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t dim = a.dim;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t offset = r * dim;
-    const bool excluded = a.mask != nullptr && !a.mask[r];
-    for (int pair = 0; pair < 2; ++pair) {
-      T* g = a.first[pair] == nullptr ? nullptr : a.first[pair] + offset;
-      T* other = a.second[pair] == nullptr ? nullptr : a.second[pair] + offset;
-      if (excluded) {  // the forward already zeroed the derivatives: only `other` is new
-        if (!a.cosine) zero_row(other, dim);
-        continue;
-      }
-      const T s = a.sign[pair] * a.grad_terms[pair * a.rows + r];
-      if (a.cosine) {
-        if (g != nullptr) for (int64_t j = 0; j < dim; ++j) g[j] *= s;
-        if (other != nullptr) for (int64_t j = 0; j < dim; ++j) other[j] *= s;
-        continue;
-      }
-      if (g == nullptr) continue;
-#if RMM_HAS_AVX2_CLONES
-      if constexpr (AVX2 && std::is_same_v<T, float>) {
-        scale_row_inplace_avx2(g, s, other, dim, a.stream);
-        continue;
-      }
-#endif
-      for (int64_t j = 0; j < dim; ++j) {
-        if (other != nullptr) other[j] = -s * g[j];
-        g[j] = s * g[j];
+      if constexpr (DIST == kCycleCosine) {
+        cosine_grad_row<scalar_t, acc_t>(x, y, out_a, out_b, dim, s);
+      } else {
+        symmetric_grad_row<DIST, scalar_t, acc_t>(x, y, out_a, out_b, dim, s * inv_dim, a.beta);
       }
     }
   }
@@ -438,27 +382,18 @@ template <int DIST, typename scalar_t>
 void forward_rows_default(const ForwardArgs<scalar_t>& a, int64_t b, int64_t e) {
   forward_rows<false, DIST, scalar_t>(a, b, e);
 }
-template <bool COSINE, typename scalar_t>
+template <int DIST, typename scalar_t>
 RMM_TARGET_AVX2 void backward_rows_avx2(const BackwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  backward_rows<true, COSINE, scalar_t>(a, b, e);
+  backward_rows<true, DIST, scalar_t>(a, b, e);
 }
-template <bool COSINE, typename scalar_t>
+template <int DIST, typename scalar_t>
 void backward_rows_default(const BackwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  backward_rows<false, COSINE, scalar_t>(a, b, e);
-}
-
-template <typename T>
-RMM_TARGET_AVX2 void scale_rows_avx2(const ScaleArgs<T>& a, int64_t b, int64_t e) {
-  scale_rows<true, T>(a, b, e);
-}
-template <typename T>
-void scale_rows_default(const ScaleArgs<T>& a, int64_t b, int64_t e) {
-  scale_rows<false, T>(a, b, e);
+  backward_rows<false, DIST, scalar_t>(a, b, e);
 }
 
 // Streaming stores pay off when what a call touches (`tensors` tensors of `like`'s size) cannot
-// stay in the last-level cache anyway; below that, a normal store leaves the derivatives
-// cached for the backward. 32 MiB: a server's LLC share, measured on the CI machine's EPYC.
+// stay in the last-level cache anyway; below that, a normal store leaves the gradients cached
+// for whatever reads them next. 32 MiB: a server's LLC share, measured on the CI machine's EPYC.
 constexpr int64_t kStreamBytes = int64_t(32) << 20;
 bool use_streaming_stores(const at::Tensor& like, int64_t tensors) {
   return like.numel() * static_cast<int64_t>(like.element_size()) * tensors > kStreamBytes;
@@ -486,20 +421,14 @@ const T* const_data_or_null(const at::Tensor& t) {
   return !t.defined() || t.numel() == 0 ? nullptr : t.data_ptr<T>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cycle_loss_forward(
-    const at::Tensor& forward_pred, const at::Tensor& target, const at::Tensor& cycle_pred,
-    const at::Tensor& source, const std::optional<at::Tensor>& mask, int64_t distance, double beta,
-    bool need_grad) {
+at::Tensor cycle_loss_forward(const at::Tensor& forward_pred, const at::Tensor& target,
+                              const at::Tensor& cycle_pred, const at::Tensor& source,
+                              const std::optional<at::Tensor>& mask, int64_t distance,
+                              double beta) {
   const CycleLossInputs in = check_cycle_loss_inputs(forward_pred, target, cycle_pred, source, mask,
                                                      distance, beta, at::kCPU);
-  auto outputs = empty_cycle_loss_outputs(in, distance, need_grad);
-  at::Tensor& terms = std::get<0>(outputs);
-  at::Tensor& grad_forward = std::get<1>(outputs);
-  at::Tensor& grad_target = std::get<2>(outputs);
-  at::Tensor& grad_cycle = std::get<3>(outputs);
-  at::Tensor& grad_source = std::get<4>(outputs);
+  at::Tensor terms = empty_cycle_loss_terms(in);
   const bool avx2 = use_avx2();
-  const bool cosine = distance == kCycleCosine;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, forward_pred.scalar_type(), "cycle_loss_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ForwardArgs<scalar_t> a{in.forward_pred.data_ptr<scalar_t>(),
@@ -508,128 +437,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cycle_los
                                   in.source.data_ptr<scalar_t>(),
                                   const_data_or_null<bool>(in.mask),
                                   terms.data_ptr<acc_t>(),
-                                  data_or_null<acc_t>(grad_forward),
-                                  data_or_null<acc_t>(grad_target),
-                                  data_or_null<acc_t>(grad_cycle),
-                                  data_or_null<acc_t>(grad_source),
                                   in.rows,
                                   in.dim,
-                                  static_cast<acc_t>(beta),
-                                  use_streaming_stores(in.forward_pred, cosine ? 8 : 6)};
+                                  static_cast<acc_t>(beta)};
     dispatch_distance(distance, [&](auto dist_tag) {
       constexpr int kDist = decltype(dist_tag)::value;
       auto body = avx2 ? forward_rows_avx2<kDist, scalar_t> : forward_rows_default<kDist, scalar_t>;
-      at::parallel_for(0, in.rows, grain_rows(in.dim), [&](int64_t b, int64_t e) {
-        body(a, b, e);
-        store_fence(avx2);
-      });
+      at::parallel_for(0, in.rows, grain_rows(in.dim), [&](int64_t b, int64_t e) { body(a, b, e); });
     });
   });
-  return outputs;
+  return terms;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cycle_loss_backward(
-    const at::Tensor& grad_terms, const at::Tensor& grad_forward, const at::Tensor& grad_target,
-    const at::Tensor& grad_cycle, const at::Tensor& grad_source,
-    const std::optional<at::Tensor>& mask, int64_t distance, int64_t need_grad,
-    at::ScalarType dtype) {
-  const CycleLossGradInputs in = check_cycle_loss_grad_inputs(
-      grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask, distance, need_grad,
-      dtype, at::kCPU);
-  std::array<at::Tensor, 4> out = empty_cycle_loss_grads(in, need_grad, dtype);
+    const at::Tensor& grad_terms, const at::Tensor& forward_pred, const at::Tensor& target,
+    const at::Tensor& cycle_pred, const at::Tensor& source, const std::optional<at::Tensor>& mask,
+    int64_t distance, double beta, int64_t need_grad) {
+  const CycleLossGradInputs g = check_cycle_loss_grad_inputs(
+      grad_terms, forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad,
+      at::kCPU);
+  const CycleLossInputs& in = g.in;
+  std::array<at::Tensor, 4> out = empty_cycle_loss_grads(in, need_grad);
+  if (in.rows == 0 || need_grad == 0) return {out[0], out[1], out[2], out[3]};
   const bool avx2 = use_avx2();
-  const bool cosine = distance == kCycleCosine;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cycle_loss_backward", [&] {
+  // touched: the four inputs read, the wanted gradients written
+  const int64_t tensors = 4 + ((need_grad & 1) + (need_grad >> 1 & 1) + (need_grad >> 2 & 1) +
+                               (need_grad >> 3 & 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, forward_pred.scalar_type(), "cycle_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    BackwardArgs<scalar_t> a{in.grad_terms.data_ptr<acc_t>(),
-                             in.grad_forward.data_ptr<acc_t>(),
-                             cosine ? in.grad_target.data_ptr<acc_t>() : nullptr,
-                             in.grad_cycle.data_ptr<acc_t>(),
-                             cosine ? in.grad_source.data_ptr<acc_t>() : nullptr,
-                             const_data_or_null<bool>(in.mask),
-                             {data_or_null<scalar_t>(out[0]), data_or_null<scalar_t>(out[1]),
-                              data_or_null<scalar_t>(out[2]), data_or_null<scalar_t>(out[3])},
-                             in.rows,
-                             in.dim,
-                             use_streaming_stores(in.grad_forward, cosine ? 8 : 6)};
-    auto run = [&](auto cosine_tag) {
-      constexpr bool kCosine = decltype(cosine_tag)::value;
-      auto body = avx2 ? backward_rows_avx2<kCosine, scalar_t> : backward_rows_default<kCosine, scalar_t>;
+    const BackwardArgs<scalar_t> a{g.grad_terms.data_ptr<acc_t>(),
+                                   {in.forward_pred.data_ptr<scalar_t>(),
+                                    in.target.data_ptr<scalar_t>(),
+                                    in.cycle_pred.data_ptr<scalar_t>(),
+                                    in.source.data_ptr<scalar_t>()},
+                                   const_data_or_null<bool>(in.mask),
+                                   {data_or_null<scalar_t>(out[0]), data_or_null<scalar_t>(out[1]),
+                                    data_or_null<scalar_t>(out[2]), data_or_null<scalar_t>(out[3])},
+                                   in.rows,
+                                   in.dim,
+                                   static_cast<acc_t>(beta),
+                                   use_streaming_stores(in.forward_pred, tensors)};
+    dispatch_distance(distance, [&](auto dist_tag) {
+      constexpr int kDist = decltype(dist_tag)::value;
+      auto body = avx2 ? backward_rows_avx2<kDist, scalar_t> : backward_rows_default<kDist, scalar_t>;
       at::parallel_for(0, in.rows, grain_rows(in.dim), [&](int64_t b, int64_t e) {
         body(a, b, e);
         store_fence(avx2);
       });
-    };
-    if (cosine) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
-  });
-  return {out[0], out[1], out[2], out[3]};
-}
-
-// cycle_loss_backward for float32/float64 in place: the forward's derivative buffers become the
-// gradients, so the backward allocates only the symmetric distances' second gradient. For each
-// pair (forward: grad_forward / grad_target, need_grad bits 1 / 2; cycle: grad_cycle /
-// grad_source, bits 4 / 8) with s = grad_terms[pair, r]:
-//   cosine     grad_forward *= s, grad_target *= s (each where wanted)
-//   symmetric  both wanted: grad_target = -s * grad_forward (grad_target: a buffer the caller
-//              allocated), then grad_forward *= s; only the first: grad_forward *= s; only the
-//              second: grad_forward *= -s (the caller returns it as target's gradient).
-// Excluded rows become 0 (the derivative buffers must come from cycle_loss_forward, which
-// zeroed them there; only the caller's fresh buffer is written).
-void cycle_loss_scale_(const at::Tensor& grad_terms, at::Tensor& grad_forward,
-                       at::Tensor& grad_target, at::Tensor& grad_cycle, at::Tensor& grad_source,
-                       const std::optional<at::Tensor>& mask, int64_t distance, int64_t need_grad) {
-  const at::ScalarType dtype = grad_forward.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble,
-                   "robustmm: cycle_loss_scale_ scales float32/float64 buffers, got ", dtype);
-  const CycleLossGradInputs in = check_cycle_loss_grad_inputs(
-      grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask, distance, need_grad,
-      dtype, at::kCPU);
-  const bool cosine = distance == kCycleCosine;
-  at::Tensor* buffers[4] = {&grad_forward, &grad_target, &grad_cycle, &grad_source};
-  for (int k = 0; k < 4; ++k) {
-    TORCH_CHECK(buffers[k]->numel() == 0 || buffers[k]->is_contiguous(),
-                "robustmm: cycle_loss_scale_ needs contiguous buffers");
-  }
-  const bool avx2 = use_avx2();
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cycle_loss_scale_", [&] {
-    ScaleArgs<scalar_t> a{};
-    a.grad_terms = in.grad_terms.data_ptr<scalar_t>();
-    a.cosine = cosine;
-    a.mask = const_data_or_null<bool>(in.mask);
-    a.rows = in.rows;
-    a.dim = in.dim;
-    a.stream = use_streaming_stores(in.grad_forward, 6);
-    for (int pair = 0; pair < 2; ++pair) {
-      const bool want_a = (need_grad >> (2 * pair)) & 1, want_b = (need_grad >> (2 * pair + 1)) & 1;
-      at::Tensor& g = *buffers[2 * pair];
-      at::Tensor& other = *buffers[2 * pair + 1];
-      a.sign[pair] = scalar_t(1);
-      if (cosine) {
-        a.first[pair] = want_a ? g.data_ptr<scalar_t>() : nullptr;
-        a.second[pair] = want_b ? other.data_ptr<scalar_t>() : nullptr;
-        continue;
-      }
-      a.first[pair] = want_a || want_b ? g.data_ptr<scalar_t>() : nullptr;
-      a.second[pair] = nullptr;
-      if (want_a && want_b) {
-        TORCH_CHECK_VALUE(other.sizes() == g.sizes(), "robustmm: cycle_loss_scale_ needs a ",
-                          g.sizes(), " buffer for the second gradient of pair ", pair, ", got ",
-                          other.sizes());
-        a.second[pair] = other.data_ptr<scalar_t>();
-      } else if (want_b) {
-        a.sign[pair] = scalar_t(-1);
-      }
-    }
-    auto body = avx2 ? scale_rows_avx2<scalar_t> : scale_rows_default<scalar_t>;
-    at::parallel_for(0, in.rows, grain_rows(in.dim), [&](int64_t b, int64_t e) {
-      body(a, b, e);
-      store_fence(avx2);
     });
   });
+  return {out[0], out[1], out[2], out[3]};
 }
 
 }  // namespace
@@ -637,7 +494,6 @@ void cycle_loss_scale_(const at::Tensor& grad_terms, at::Tensor& grad_forward,
 TORCH_LIBRARY_IMPL(robustmm_C, CPU, m) {
   m.impl("cycle_loss_forward", &cycle_loss_forward);
   m.impl("cycle_loss_backward", &cycle_loss_backward);
-  m.impl("cycle_loss_scale_", &cycle_loss_scale_);
 }
 
 }  // namespace cpu

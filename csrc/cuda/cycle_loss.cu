@@ -1,7 +1,8 @@
-// cycle_reconstruction_loss on CUDA: one fused pass forward (each row's forward and cycle terms
-// and, when a gradient is wanted, each row distance's derivatives) and one elementwise pass
-// backward (the derivatives scaled by the rows' upstream gradients), with the per-element and
-// per-row math of csrc/include/robustmm/cycle_loss.h.
+// cycle_reconstruction_loss on CUDA: one fused pass forward (each row's forward and cycle terms,
+// nothing else) and one fused pass backward that reads the four inputs again, recomputes each row
+// distance's derivatives and writes the gradients directly (grad_terms[k, r] times the
+// derivative), with the per-element and per-row math of csrc/include/robustmm/cycle_loss.h. No
+// tensor of the inputs' size exists between the two.
 //
 // Layout (as csrc/cuda/reparam_kl.cu): a "team" of threads (a power of two, 1..256) owns one row
 // at a time; a 256-thread block holds 256 / team rows and strides over the rows of the tensor.
@@ -13,28 +14,27 @@
 //
 // Work units: a team walks its row in chunks of team * VEC elements (VEC = 16 bytes of the input
 // type: 8 for 2-byte types, 4 for float, 2 for double); thread `rank` owns VEC of them:
-//   aligned  - D % VEC == 0 and every pointer aligned to its vector width: elements
-//              chunk + rank * VEC + k, moved with one 16-byte load per input tensor (the fp32
-//              derivatives of 2-byte inputs: two 16-byte stores).
+//   aligned  - D % VEC == 0 and every pointer aligned to 16 bytes: elements
+//              chunk + rank * VEC + k, moved with one 16-byte load or store per tensor.
 //   generic  - any D or alignment: elements chunk + k * team + rank, scalar loads that are still
 //              coalesced across the team; elements past the row's end read as 0 (which adds 0 to
 //              every sum) and are never written.
 //
-// Forward, symmetric distances (mse, l1, smooth_l1): a single pass; each chunk reads the four
-// inputs once, adds cycle_elem's values to the two row sums and stores the derivatives (grad / D)
-// of forward_pred and cycle_pred (those of target and source are their negatives, not stored).
-// Forward, cosine: the derivatives need the row's dot product and norms first, so two passes.
-// The first kCached chunks of each thread (all of a row of up to 2 * 256 * VEC elements, i.e.
+// Forward: a single pass; each chunk reads the four inputs once and adds to the row sums (the two
+// distances' sums for mse / l1 / smooth_l1; <a, b>, |a|^2, |b|^2 of both pairs for cosine).
+// Backward, symmetric distances (mse, l1, smooth_l1): elementwise, no reduction; each chunk reads
+// the two inputs of a pair whose gradients are wanted and writes g = grad_term / D * dd/da as
+// d a = g and d b = -g from the one computation (only the wanted ones).
+// Backward, cosine: the gradients need the row's dot product and norms first, so two passes. The
+// first kCached chunks of each thread (all of a row of up to 2 * 256 * VEC elements, i.e.
 // D <= 2048 fp32 / 4096 2-byte / 1024 fp64, since the team gets about two chunks per thread)
 // stay in registers between the passes, so those rows are read from memory once; only longer
-// rows read their remaining chunks a second time, right after the first read, from L2.
+// rows read their remaining chunks a second time, right after the first read, from L2. A pair
+// none of whose gradients is wanted is not read.
+// Accumulation in float32 (float64 for double), one rounding to the output dtype.
 //
-// Backward: the same team layout, no reduction. Each chunk reads each stored derivative that a
-// wanted output needs once and writes every output that depends on it (symmetric distances:
-// d forward_pred = g * G and d target = -g * G from the one read of G).
-//
-// Excluded rows (mask False) are never read: terms and every stored derivative are written as 0.
-// The backward never reads an excluded row either (grad_terms included) and writes it as 0.
+// Excluded rows (mask False) are never read (neither the inputs nor grad_terms): their terms and
+// every gradient are written as 0.
 // Argument checks and output allocation: robustmm/cycle_loss_inputs.h, shared with the CPU kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -167,10 +167,6 @@ struct ForwardArgs {
   const scalar_t* __restrict__ source;        // (rows, D)
   const bool* __restrict__ mask;              // (rows,) True = include; nullable
   acc_t* __restrict__ terms;                  // (2, rows): forward terms, then cycle terms
-  acc_t* __restrict__ grad_forward;           // (rows, D) d F_r / d forward_pred; nullable
-  acc_t* __restrict__ grad_target;            // (rows, D) d F_r / d target; cosine only, nullable
-  acc_t* __restrict__ grad_cycle;             // (rows, D) d C_r / d cycle_pred; nullable
-  acc_t* __restrict__ grad_source;            // (rows, D) d C_r / d source; cosine only, nullable
   int64_t rows;
   int64_t dim;
   acc_t beta;      // smooth_l1 only
@@ -181,21 +177,24 @@ struct ForwardArgs {
 template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t* __restrict__ grad_terms;    // (2, rows)
-  const acc_t* __restrict__ grad_forward;  // (rows, D)
-  const acc_t* __restrict__ grad_target;   // (rows, D), cosine only
-  const acc_t* __restrict__ grad_cycle;    // (rows, D)
-  const acc_t* __restrict__ grad_source;   // (rows, D), cosine only
-  const bool* __restrict__ mask;           // (rows,) True = include; nullable
-  scalar_t* __restrict__ d_forward_pred;   // (rows, D); nullable (need_grad bit 1 clear)
-  scalar_t* __restrict__ d_target;         // (rows, D); nullable (bit 2)
-  scalar_t* __restrict__ d_cycle_pred;     // (rows, D); nullable (bit 4)
-  scalar_t* __restrict__ d_source;         // (rows, D); nullable (bit 8)
+  const acc_t* __restrict__ grad_terms;       // (2, rows): d loss / d terms
+  const scalar_t* __restrict__ forward_pred;  // (rows, D)
+  const scalar_t* __restrict__ target;        // (rows, D)
+  const scalar_t* __restrict__ cycle_pred;    // (rows, D)
+  const scalar_t* __restrict__ source;        // (rows, D)
+  const bool* __restrict__ mask;              // (rows,) True = include; nullable
+  scalar_t* __restrict__ d_forward_pred;      // (rows, D); nullable (need_grad bit 1 clear)
+  scalar_t* __restrict__ d_target;            // (rows, D); nullable (bit 2)
+  scalar_t* __restrict__ d_cycle_pred;        // (rows, D); nullable (bit 4)
+  scalar_t* __restrict__ d_source;            // (rows, D); nullable (bit 8)
   int64_t rows;
   int64_t dim;
+  acc_t beta;      // smooth_l1 only
+  acc_t inv_beta;  // smooth_l1 only
+  acc_t inv_dim;   // 1 / D
 };
 
-// ---- forward, mse / l1 / smooth_l1: one pass ----
+// ---- forward: one pass, the row sums only ----
 
 // grid-stride over groups of (kThreads >> team_log2) rows; team = 1 << team_log2 threads per row.
 template <typename scalar_t, int DIST, bool ALIGNED>
@@ -225,26 +224,14 @@ __global__ void __launch_bounds__(kThreads)
         const Vec<scalar_t, V> tg = load_part<ALIGNED, V>(a.target, chunk, rank, team, hi);
         const Vec<scalar_t, V> cp = load_part<ALIGNED, V>(a.cycle_pred, chunk, rank, team, hi);
         const Vec<scalar_t, V> src = load_part<ALIGNED, V>(a.source, chunk, rank, team, hi);
-        Vec<acc_t, V> gf, gc;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-          const CycleElem<acc_t> ef = cycle_elem<DIST, acc_t>(
-              static_cast<acc_t>(fp.v[k]), static_cast<acc_t>(tg.v[k]), a.beta, a.inv_beta);
-          const CycleElem<acc_t> ec = cycle_elem<DIST, acc_t>(
-              static_cast<acc_t>(cp.v[k]), static_cast<acc_t>(src.v[k]), a.beta, a.inv_beta);
-          sum[0] += ef.value;
-          sum[1] += ec.value;
-          gf.v[k] = ef.grad * a.inv_dim;
-          gc.v[k] = ec.grad * a.inv_dim;
-        }
-        if (a.grad_forward != nullptr) {  // need_grad: grad_forward and grad_cycle together
-          store_part<ALIGNED, V>(a.grad_forward, chunk, rank, team, hi, gf);
-          store_part<ALIGNED, V>(a.grad_cycle, chunk, rank, team, hi, gc);
+          sum[0] += cycle_elem<DIST, acc_t>(static_cast<acc_t>(fp.v[k]),
+                                            static_cast<acc_t>(tg.v[k]), a.beta, a.inv_beta).value;
+          sum[1] += cycle_elem<DIST, acc_t>(static_cast<acc_t>(cp.v[k]),
+                                            static_cast<acc_t>(src.v[k]), a.beta, a.inv_beta).value;
         }
       }
-    } else if (valid) {
-      zero_row<ALIGNED, V>(a.grad_forward, lo, hi, rank, team);
-      zero_row<ALIGNED, V>(a.grad_cycle, lo, hi, rank, team);
     }
     team_sum<2>(sum, team, partial);
     if (valid && rank == 0) {
@@ -253,8 +240,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
-
-// ---- forward, cosine: sums, then the derivatives from the same chunks ----
 
 // Adds a chunk's <a, b>, |a|^2, |b|^2 of both pairs to s[0..6).
 template <int V, typename scalar_t, typename acc_t>
@@ -272,38 +257,6 @@ __device__ __forceinline__ void cosine_sums(const Vec<scalar_t, V> (&x)[4], acc_
   }
 }
 
-// Stores a chunk's derivatives of both pairs: d/da = self_a a + cross b, d/db = cross a + self_b b.
-template <bool ALIGNED, int V, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void cosine_store(const ForwardArgs<scalar_t>& a,
-                                             const Vec<scalar_t, V> (&x)[4],
-                                             const CosineRow<acc_t> (&c)[2], int64_t chunk,
-                                             int rank, int team, int64_t hi) {
-  acc_t* const out[4] = {a.grad_forward, a.grad_target, a.grad_cycle, a.grad_source};
-#pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    Vec<acc_t, V> ga, gb;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const acc_t u = static_cast<acc_t>(x[2 * p].v[k]);
-      const acc_t w = static_cast<acc_t>(x[2 * p + 1].v[k]);
-      ga.v[k] = c[p].self_a * u + c[p].cross * w;
-      gb.v[k] = c[p].cross * u + c[p].self_b * w;
-    }
-    store_part<ALIGNED, V>(out[2 * p], chunk, rank, team, hi, ga);
-    store_part<ALIGNED, V>(out[2 * p + 1], chunk, rank, team, hi, gb);
-  }
-}
-
-template <bool ALIGNED, int V, typename scalar_t>
-__device__ __forceinline__ void cosine_load(const ForwardArgs<scalar_t>& a, int64_t chunk,
-                                            int rank, int team, int64_t hi,
-                                            Vec<scalar_t, V> (&x)[4]) {
-  x[0] = load_part<ALIGNED, V>(a.forward_pred, chunk, rank, team, hi);
-  x[1] = load_part<ALIGNED, V>(a.target, chunk, rank, team, hi);
-  x[2] = load_part<ALIGNED, V>(a.cycle_pred, chunk, rank, team, hi);
-  x[3] = load_part<ALIGNED, V>(a.source, chunk, rank, team, hi);
-}
-
 // Same layout as the symmetric kernel.
 template <typename scalar_t, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads)
@@ -316,7 +269,6 @@ __global__ void __launch_bounds__(kThreads)
   const int rows_per_block = kThreads >> team_log2;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * rows_per_block;
   const int64_t step = static_cast<int64_t>(team) * V;
-  const bool need_grad = a.grad_forward != nullptr;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block; first < a.rows;
        first += stride) {
     const int64_t row = first + (threadIdx.x >> team_log2);
@@ -326,87 +278,51 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t hi = lo + a.dim;
     // forward <a, b>, |a|^2, |b|^2, then the same for the cycle pair
     acc_t s[6] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    // This thread's first kCached chunks, kept for the second pass (static indices only, so
-    // the array stays in registers).
-    Vec<scalar_t, V> cache[kCached][4];
     if (keep) {
-#pragma unroll
-      for (int j = 0; j < kCached; ++j) {
-        const int64_t chunk = lo + j * step;
-        if (chunk < hi) {
-          cosine_load<ALIGNED, V>(a, chunk, rank, team, hi, cache[j]);
-          cosine_sums<V>(cache[j], s);
-        }
-      }
-      for (int64_t chunk = lo + kCached * step; chunk < hi; chunk += step) {
-        Vec<scalar_t, V> x[4];
-        cosine_load<ALIGNED, V>(a, chunk, rank, team, hi, x);
+      for (int64_t chunk = lo; chunk < hi; chunk += step) {
+        const Vec<scalar_t, V> x[4] = {load_part<ALIGNED, V>(a.forward_pred, chunk, rank, team, hi),
+                                       load_part<ALIGNED, V>(a.target, chunk, rank, team, hi),
+                                       load_part<ALIGNED, V>(a.cycle_pred, chunk, rank, team, hi),
+                                       load_part<ALIGNED, V>(a.source, chunk, rank, team, hi)};
         cosine_sums<V>(x, s);
       }
-    } else if (valid && need_grad) {
-      zero_row<ALIGNED, V>(a.grad_forward, lo, hi, rank, team);
-      zero_row<ALIGNED, V>(a.grad_target, lo, hi, rank, team);
-      zero_row<ALIGNED, V>(a.grad_cycle, lo, hi, rank, team);
-      zero_row<ALIGNED, V>(a.grad_source, lo, hi, rank, team);
     }
     team_sum<6>(s, team, partial);
-    const CosineRow<acc_t> c[2] = {cosine_row<acc_t>(s[0], s[1], s[2]),
-                                   cosine_row<acc_t>(s[3], s[4], s[5])};
     if (valid && rank == 0) {
-      a.terms[row] = keep ? c[0].term : acc_t(0);
-      a.terms[a.rows + row] = keep ? c[1].term : acc_t(0);
-    }
-    if (keep && need_grad) {
-#pragma unroll
-      for (int j = 0; j < kCached; ++j) {
-        const int64_t chunk = lo + j * step;
-        if (chunk < hi) cosine_store<ALIGNED, V>(a, cache[j], c, chunk, rank, team, hi);
-      }
-      // rows longer than kCached chunks per thread: the rest again, from L2
-      for (int64_t chunk = lo + kCached * step; chunk < hi; chunk += step) {
-        Vec<scalar_t, V> x[4];
-        cosine_load<ALIGNED, V>(a, chunk, rank, team, hi, x);
-        cosine_store<ALIGNED, V>(a, x, c, chunk, rank, team, hi);
-      }
+      a.terms[row] = keep ? cosine_row<acc_t>(s[0], s[1], s[2]).term : acc_t(0);
+      a.terms[a.rows + row] = keep ? cosine_row<acc_t>(s[3], s[4], s[5]).term : acc_t(0);
     }
   }
 }
 
-// ---- backward: d input = grad_terms[k, r] * stored derivative ----
+// ---- backward, mse / l1 / smooth_l1: elementwise ----
 
-// One pair's chunk: the stored derivative d_a (and d_b, cosine) times g, written to the pair's
-// outputs that are wanted; each stored derivative is read once, for both outputs using it.
-template <bool COSINE, bool ALIGNED, int V, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void backward_pair(const acc_t* __restrict__ d_a,
-                                              const acc_t* __restrict__ d_b, acc_t g,
-                                              scalar_t* __restrict__ out_a,
-                                              scalar_t* __restrict__ out_b, int64_t chunk,
-                                              int rank, int team, int64_t hi) {
+// One pair's chunk: g = c * dd/da (c = grad term / D) from the pair's inputs x, y, written as
+// out_a = g and out_b = -g where wanted (either nullable; neither: nothing is read).
+template <int DIST, bool ALIGNED, int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void symmetric_backward_pair(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, scalar_t* __restrict__ out_a,
+    scalar_t* __restrict__ out_b, acc_t c, acc_t beta, acc_t inv_beta, int64_t chunk, int rank,
+    int team, int64_t hi) {
   if (out_a == nullptr && out_b == nullptr) return;
-  if (out_a != nullptr || !COSINE) {
-    const Vec<acc_t, V> da = load_part<ALIGNED, V>(d_a, chunk, rank, team, hi);
-    Vec<scalar_t, V> ya, yb;
+  const Vec<scalar_t, V> u = load_part<ALIGNED, V>(x, chunk, rank, team, hi);
+  const Vec<scalar_t, V> w = load_part<ALIGNED, V>(y, chunk, rank, team, hi);
+  Vec<scalar_t, V> ga, gb;
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      ya.v[k] = static_cast<scalar_t>(g * da.v[k]);
-      yb.v[k] = static_cast<scalar_t>(-g * da.v[k]);  // symmetric: d/db = -d/da
-    }
-    if (out_a != nullptr) store_part<ALIGNED, V>(out_a, chunk, rank, team, hi, ya);
-    if (!COSINE && out_b != nullptr) store_part<ALIGNED, V>(out_b, chunk, rank, team, hi, yb);
+  for (int k = 0; k < V; ++k) {
+    const acc_t g = cycle_elem<DIST, acc_t>(static_cast<acc_t>(u.v[k]), static_cast<acc_t>(w.v[k]),
+                                            beta, inv_beta).grad * c;
+    ga.v[k] = static_cast<scalar_t>(g);
+    gb.v[k] = static_cast<scalar_t>(-g);
   }
-  if (COSINE && out_b != nullptr) {
-    const Vec<acc_t, V> db = load_part<ALIGNED, V>(d_b, chunk, rank, team, hi);
-    Vec<scalar_t, V> yb;
-#pragma unroll
-    for (int k = 0; k < V; ++k) yb.v[k] = static_cast<scalar_t>(g * db.v[k]);
-    store_part<ALIGNED, V>(out_b, chunk, rank, team, hi, yb);
-  }
+  if (out_a != nullptr) store_part<ALIGNED, V>(out_a, chunk, rank, team, hi, ga);
+  if (out_b != nullptr) store_part<ALIGNED, V>(out_b, chunk, rank, team, hi, gb);
 }
 
-// Same layout as the forward; no reduction, so no barrier.
-template <typename scalar_t, bool COSINE, bool ALIGNED>
+// Same team layout as the forward; no reduction, so no barrier: each thread strides over rows.
+template <typename scalar_t, int DIST, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads)
-    cycle_loss_backward_kernel(const BackwardArgs<scalar_t> a, int team_log2) {
+    cycle_loss_backward_symmetric_kernel(const BackwardArgs<scalar_t> a, int team_log2) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = vec_size<scalar_t>();
   const int team = 1 << team_log2;
@@ -426,13 +342,148 @@ __global__ void __launch_bounds__(kThreads)
       zero_row<ALIGNED, V>(a.d_source, lo, hi, rank, team);
       continue;
     }
-    const acc_t g_forward = a.grad_terms[row];
-    const acc_t g_cycle = a.grad_terms[a.rows + row];
+    const acc_t c_forward = a.grad_terms[row] * a.inv_dim;
+    const acc_t c_cycle = a.grad_terms[a.rows + row] * a.inv_dim;
     for (int64_t chunk = lo; chunk < hi; chunk += step) {
-      backward_pair<COSINE, ALIGNED, V>(a.grad_forward, a.grad_target, g_forward,
-                                        a.d_forward_pred, a.d_target, chunk, rank, team, hi);
-      backward_pair<COSINE, ALIGNED, V>(a.grad_cycle, a.grad_source, g_cycle, a.d_cycle_pred,
-                                        a.d_source, chunk, rank, team, hi);
+      symmetric_backward_pair<DIST, ALIGNED, V>(a.forward_pred, a.target, a.d_forward_pred,
+                                                a.d_target, c_forward, a.beta, a.inv_beta, chunk,
+                                                rank, team, hi);
+      symmetric_backward_pair<DIST, ALIGNED, V>(a.cycle_pred, a.source, a.d_cycle_pred,
+                                                a.d_source, c_cycle, a.beta, a.inv_beta, chunk,
+                                                rank, team, hi);
+    }
+  }
+}
+
+// ---- backward, cosine: the sums, then the gradients from the same chunks ----
+
+// A chunk of the wanted pairs (x[0], x[1]: forward_pred, target; x[2], x[3]: cycle_pred,
+// source); a pair that is not wanted is left 0 (it adds 0 to its sums and is never written).
+template <bool ALIGNED, int V, typename scalar_t>
+__device__ __forceinline__ void cosine_load(const BackwardArgs<scalar_t>& a, bool want_forward,
+                                            bool want_cycle, int64_t chunk, int rank, int team,
+                                            int64_t hi, Vec<scalar_t, V> (&x)[4]) {
+  if (want_forward) {
+    x[0] = load_part<ALIGNED, V>(a.forward_pred, chunk, rank, team, hi);
+    x[1] = load_part<ALIGNED, V>(a.target, chunk, rank, team, hi);
+  } else {
+    x[0] = Vec<scalar_t, V>{};
+    x[1] = Vec<scalar_t, V>{};
+  }
+  if (want_cycle) {
+    x[2] = load_part<ALIGNED, V>(a.cycle_pred, chunk, rank, team, hi);
+    x[3] = load_part<ALIGNED, V>(a.source, chunk, rank, team, hi);
+  } else {
+    x[2] = Vec<scalar_t, V>{};
+    x[3] = Vec<scalar_t, V>{};
+  }
+}
+
+// One output of a chunk: self * u + cross * w (the coefficients already scaled by the row's
+// upstream gradient), rounded once to the output dtype.
+template <bool ALIGNED, int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void cosine_store_one(scalar_t* __restrict__ out,
+                                                 const Vec<scalar_t, V>& u,
+                                                 const Vec<scalar_t, V>& w, acc_t self_coef,
+                                                 acc_t cross, int64_t chunk, int rank, int team,
+                                                 int64_t hi) {
+  if (out == nullptr) return;
+  Vec<scalar_t, V> g;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    g.v[k] = static_cast<scalar_t>(self_coef * static_cast<acc_t>(u.v[k]) +
+                                   cross * static_cast<acc_t>(w.v[k]));
+  }
+  store_part<ALIGNED, V>(out, chunk, rank, team, hi, g);
+}
+
+// Writes a chunk's wanted gradients of both pairs: d a = self_a a + cross b, d b = cross a +
+// self_b b, with c[p] scaled by the pair's upstream gradient.
+template <bool ALIGNED, int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void cosine_store(const BackwardArgs<scalar_t>& a,
+                                             const Vec<scalar_t, V> (&x)[4],
+                                             const CosineRow<acc_t> (&c)[2], int64_t chunk,
+                                             int rank, int team, int64_t hi) {
+  cosine_store_one<ALIGNED, V>(a.d_forward_pred, x[0], x[1], c[0].self_a, c[0].cross, chunk,
+                               rank, team, hi);
+  cosine_store_one<ALIGNED, V>(a.d_target, x[1], x[0], c[0].self_b, c[0].cross, chunk, rank,
+                               team, hi);
+  cosine_store_one<ALIGNED, V>(a.d_cycle_pred, x[2], x[3], c[1].self_a, c[1].cross, chunk, rank,
+                               team, hi);
+  cosine_store_one<ALIGNED, V>(a.d_source, x[3], x[2], c[1].self_b, c[1].cross, chunk, rank,
+                               team, hi);
+}
+
+// Same layout as the forward kernels (every thread of the block reaches team_sum).
+template <typename scalar_t, bool ALIGNED>
+__global__ void __launch_bounds__(kThreads)
+    cycle_loss_backward_cosine_kernel(const BackwardArgs<scalar_t> a, int team_log2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = vec_size<scalar_t>();
+  __shared__ acc_t partial[6 * kWarps];
+  const int team = 1 << team_log2;
+  const int rank = threadIdx.x & (team - 1);
+  const int rows_per_block = kThreads >> team_log2;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * rows_per_block;
+  const int64_t step = static_cast<int64_t>(team) * V;
+  // uniform over the launch
+  const bool want_forward = a.d_forward_pred != nullptr || a.d_target != nullptr;
+  const bool want_cycle = a.d_cycle_pred != nullptr || a.d_source != nullptr;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block; first < a.rows;
+       first += stride) {
+    const int64_t row = first + (threadIdx.x >> team_log2);
+    const bool valid = row < a.rows;
+    const bool keep = valid && (a.mask == nullptr || a.mask[row]);
+    const int64_t lo = row * a.dim;
+    const int64_t hi = lo + a.dim;
+    // forward <a, b>, |a|^2, |b|^2, then the same for the cycle pair
+    acc_t s[6] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    // This thread's first kCached chunks, kept for the second pass (static indices only, so
+    // the array stays in registers).
+    Vec<scalar_t, V> cache[kCached][4];
+    if (keep) {
+#pragma unroll
+      for (int j = 0; j < kCached; ++j) {
+        const int64_t chunk = lo + j * step;
+        if (chunk < hi) {
+          cosine_load<ALIGNED, V>(a, want_forward, want_cycle, chunk, rank, team, hi, cache[j]);
+          cosine_sums<V>(cache[j], s);
+        }
+      }
+      for (int64_t chunk = lo + kCached * step; chunk < hi; chunk += step) {
+        Vec<scalar_t, V> x[4];
+        cosine_load<ALIGNED, V>(a, want_forward, want_cycle, chunk, rank, team, hi, x);
+        cosine_sums<V>(x, s);
+      }
+    } else if (valid) {
+      zero_row<ALIGNED, V>(a.d_forward_pred, lo, hi, rank, team);
+      zero_row<ALIGNED, V>(a.d_target, lo, hi, rank, team);
+      zero_row<ALIGNED, V>(a.d_cycle_pred, lo, hi, rank, team);
+      zero_row<ALIGNED, V>(a.d_source, lo, hi, rank, team);
+    }
+    team_sum<6>(s, team, partial);
+    if (keep) {
+      CosineRow<acc_t> c[2] = {cosine_row<acc_t>(s[0], s[1], s[2]),
+                               cosine_row<acc_t>(s[3], s[4], s[5])};
+      const acc_t g[2] = {want_forward ? a.grad_terms[row] : acc_t(0),
+                          want_cycle ? a.grad_terms[a.rows + row] : acc_t(0)};
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        c[p].self_a *= g[p];
+        c[p].self_b *= g[p];
+        c[p].cross *= g[p];
+      }
+#pragma unroll
+      for (int j = 0; j < kCached; ++j) {
+        const int64_t chunk = lo + j * step;
+        if (chunk < hi) cosine_store<ALIGNED, V>(a, cache[j], c, chunk, rank, team, hi);
+      }
+      // rows longer than kCached chunks per thread: the rest again, from L2
+      for (int64_t chunk = lo + kCached * step; chunk < hi; chunk += step) {
+        Vec<scalar_t, V> x[4];
+        cosine_load<ALIGNED, V>(a, want_forward, want_cycle, chunk, rank, team, hi, x);
+        cosine_store<ALIGNED, V>(a, x, c, chunk, rank, team, hi);
+      }
     }
   }
 }
@@ -450,16 +501,13 @@ bool aligned_to(const void* p, int64_t bytes) {
 }
 
 // Team size and grid for `rows` rows of `dim` elements. The vector path applies when D is a
-// multiple of VEC and every pointer in `pointers` is aligned to the width it is moved with:
-// VEC elements of the input type (`narrow`) or of the accumulation type (`wide`).
+// multiple of VEC and every pointer in `pointers` (tensors of scalar_t) is aligned to the
+// 16 bytes it is moved with.
 template <typename scalar_t>
-Launch plan(int64_t rows, int64_t dim, std::initializer_list<const void*> narrow,
-            std::initializer_list<const void*> wide) {
-  using acc_t = at::opmath_type<scalar_t>;
+Launch plan(int64_t rows, int64_t dim, std::initializer_list<const void*> pointers) {
   constexpr int V = vec_size<scalar_t>();
   bool aligned = dim % V == 0;
-  for (const void* p : narrow) aligned = aligned && aligned_to(p, V * sizeof(scalar_t));
-  for (const void* p : wide) aligned = aligned && aligned_to(p, V * sizeof(acc_t));
+  for (const void* p : pointers) aligned = aligned && aligned_to(p, V * sizeof(scalar_t));
   const int64_t units = (dim + V - 1) / V;  // chunks of one thread if the team had one thread
   const int64_t want = (units + 1) / 2;    // about two units per thread
   int team_log2 = 0;
@@ -492,18 +540,15 @@ T* data_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cycle_loss_forward(
-    const at::Tensor& forward_pred, const at::Tensor& target, const at::Tensor& cycle_pred,
-    const at::Tensor& source, const std::optional<at::Tensor>& mask, int64_t distance,
-    double beta, bool need_grad) {
+at::Tensor cycle_loss_forward(const at::Tensor& forward_pred, const at::Tensor& target,
+                              const at::Tensor& cycle_pred, const at::Tensor& source,
+                              const std::optional<at::Tensor>& mask, int64_t distance,
+                              double beta) {
   const CycleLossInputs in = check_cycle_loss_inputs(forward_pred, target, cycle_pred, source,
                                                      mask, distance, beta, at::kCUDA);
   const c10::cuda::CUDAGuard device_guard(forward_pred.device());
-  // (terms, grad_forward, grad_target, grad_cycle, grad_source); not a structured binding:
-  // lambdas cannot capture those before C++20
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out =
-      empty_cycle_loss_outputs(in, distance, need_grad);
-  if (in.rows == 0) return out;  // nothing to launch
+  at::Tensor terms = empty_cycle_loss_terms(in);
+  if (in.rows == 0) return terms;  // nothing to launch
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.forward_pred.scalar_type(), "cycle_loss_forward_cuda", [&] {
@@ -514,19 +559,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cycle_los
                                   in.cycle_pred.data_ptr<scalar_t>(),
                                   in.source.data_ptr<scalar_t>(),
                                   data_or_null<bool>(in.mask),
-                                  std::get<0>(out).data_ptr<acc_t>(),
-                                  data_or_null<acc_t>(std::get<1>(out)),
-                                  data_or_null<acc_t>(std::get<2>(out)),
-                                  data_or_null<acc_t>(std::get<3>(out)),
-                                  data_or_null<acc_t>(std::get<4>(out)),
+                                  terms.data_ptr<acc_t>(),
                                   in.rows,
                                   in.dim,
                                   static_cast<acc_t>(smooth ? beta : 1.0),
                                   static_cast<acc_t>(smooth ? 1.0 / beta : 1.0),
                                   acc_t(1) / static_cast<acc_t>(in.dim)};  // as the CPU kernel
     const Launch l = plan<scalar_t>(in.rows, in.dim,
-                                    {a.forward_pred, a.target, a.cycle_pred, a.source},
-                                    {a.grad_forward, a.grad_target, a.grad_cycle, a.grad_source});
+                                    {a.forward_pred, a.target, a.cycle_pred, a.source});
     if (distance == kCycleCosine) {
       if (l.aligned) {
         cycle_loss_forward_cosine_kernel<scalar_t, true><<<l.grid, kThreads, 0, stream>>>(a, l.team_log2);
@@ -544,58 +584,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cycle_los
       });
     }
   });
-  return out;
+  return terms;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cycle_loss_backward(
-    const at::Tensor& grad_terms, const at::Tensor& grad_forward, const at::Tensor& grad_target,
-    const at::Tensor& grad_cycle, const at::Tensor& grad_source,
-    const std::optional<at::Tensor>& mask, int64_t distance, int64_t need_grad,
-    at::ScalarType dtype) {
-  const CycleLossGradInputs in =
-      check_cycle_loss_grad_inputs(grad_terms, grad_forward, grad_target, grad_cycle,
-                                   grad_source, mask, distance, need_grad, dtype, at::kCUDA);
-  const c10::cuda::CUDAGuard device_guard(grad_forward.device());
-  std::array<at::Tensor, 4> out = empty_cycle_loss_grads(in, need_grad, dtype);
+    const at::Tensor& grad_terms, const at::Tensor& forward_pred, const at::Tensor& target,
+    const at::Tensor& cycle_pred, const at::Tensor& source, const std::optional<at::Tensor>& mask,
+    int64_t distance, double beta, int64_t need_grad) {
+  const CycleLossGradInputs g =
+      check_cycle_loss_grad_inputs(grad_terms, forward_pred, target, cycle_pred, source, mask,
+                                   distance, beta, need_grad, at::kCUDA);
+  const CycleLossInputs& in = g.in;
+  const c10::cuda::CUDAGuard device_guard(forward_pred.device());
+  std::array<at::Tensor, 4> out = empty_cycle_loss_grads(in, need_grad);
   if (in.rows == 0 || need_grad == 0) return {out[0], out[1], out[2], out[3]};
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cycle_loss_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.forward_pred.scalar_type(), "cycle_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // the kernel reads a stored derivative only for the outputs that use it
-    const BackwardArgs<scalar_t> a{in.grad_terms.data_ptr<acc_t>(),
-                                   data_or_null<acc_t>(in.grad_forward),
-                                   data_or_null<acc_t>(in.grad_target),
-                                   data_or_null<acc_t>(in.grad_cycle),
-                                   data_or_null<acc_t>(in.grad_source),
+    const bool smooth = distance == kCycleSmoothL1;
+    // the kernels read a pair's inputs only for the gradients that use them
+    const BackwardArgs<scalar_t> a{g.grad_terms.data_ptr<acc_t>(),
+                                   in.forward_pred.data_ptr<scalar_t>(),
+                                   in.target.data_ptr<scalar_t>(),
+                                   in.cycle_pred.data_ptr<scalar_t>(),
+                                   in.source.data_ptr<scalar_t>(),
                                    data_or_null<bool>(in.mask),
                                    data_or_null<scalar_t>(out[0]),
                                    data_or_null<scalar_t>(out[1]),
                                    data_or_null<scalar_t>(out[2]),
                                    data_or_null<scalar_t>(out[3]),
                                    in.rows,
-                                   in.dim};
+                                   in.dim,
+                                   static_cast<acc_t>(smooth ? beta : 1.0),
+                                   static_cast<acc_t>(smooth ? 1.0 / beta : 1.0),
+                                   acc_t(1) / static_cast<acc_t>(in.dim)};  // as the CPU kernel
     const Launch l = plan<scalar_t>(
-        in.rows, in.dim, {a.d_forward_pred, a.d_target, a.d_cycle_pred, a.d_source},
-        {a.grad_forward, a.grad_target, a.grad_cycle, a.grad_source});
-    auto launch = [&](auto cosine_tag, auto aligned_tag) {
-      constexpr bool kCosine = decltype(cosine_tag)::value;
-      constexpr bool kAligned = decltype(aligned_tag)::value;
-      cycle_loss_backward_kernel<scalar_t, kCosine, kAligned>
-          <<<l.grid, kThreads, 0, stream>>>(a, l.team_log2);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    auto with_aligned = [&](auto cosine_tag) {
-      if (l.aligned) {
-        launch(cosine_tag, std::true_type{});
-      } else {
-        launch(cosine_tag, std::false_type{});
-      }
-    };
+        in.rows, in.dim,
+        {a.forward_pred, a.target, a.cycle_pred, a.source, a.d_forward_pred, a.d_target,
+         a.d_cycle_pred, a.d_source});
     if (distance == kCycleCosine) {
-      with_aligned(std::true_type{});
+      if (l.aligned) {
+        cycle_loss_backward_cosine_kernel<scalar_t, true><<<l.grid, kThreads, 0, stream>>>(a, l.team_log2);
+      } else {
+        cycle_loss_backward_cosine_kernel<scalar_t, false><<<l.grid, kThreads, 0, stream>>>(a, l.team_log2);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      with_aligned(std::false_type{});
+      dispatch_symmetric(distance, l.aligned, [&](auto dist_tag, auto aligned_tag) {
+        constexpr int kDist = decltype(dist_tag)::value;
+        constexpr bool kAligned = decltype(aligned_tag)::value;
+        cycle_loss_backward_symmetric_kernel<scalar_t, kDist, kAligned>
+            <<<l.grid, kThreads, 0, stream>>>(a, l.team_log2);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   });
   return {out[0], out[1], out[2], out[3]};

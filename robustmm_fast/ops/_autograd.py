@@ -72,7 +72,8 @@ def register_folded_vmap(op, inputs: str, outputs: str,
     """A vmap rule for custom op `op` that folds the vmapped dim into the kernel's rows, so one
     kernel call covers the whole vmapped batch (instead of vmap's per-sample loop).
 
-    `inputs` has one letter per argument and `outputs` one per output:
+    `inputs` has one letter per argument and `outputs` one per output (one letter for an op
+    that returns a single Tensor):
       r  rows: the vmapped dim becomes a new leading dim (the kernel takes any leading dims)
       t  terms: the same, but as dim 1 (after a leading (2, ...) dim)
       b  batch: folded into dim 0 (the kernel's B), (V, B, ...) -> (V B, ...)
@@ -99,6 +100,9 @@ def register_folded_vmap(op, inputs: str, outputs: str,
                 x = x.movedim(0, 1) if kind == "t" else (x.flatten(0, 1) if kind == "b" else x)
                 folded.append(x.contiguous())
         out = op(*folded)
+        single = isinstance(out, Tensor)
+        if single:
+            out = (out,)
         results, dims = [], []
         for o, kind in zip(out, outputs):
             if kind == "-" or o.shape == (0,):
@@ -110,6 +114,8 @@ def register_folded_vmap(op, inputs: str, outputs: str,
             else:
                 results.append(o)
                 dims.append(1 if kind == "t" else 0)
+        if single:
+            return results[0], dims[0]
         return tuple(results), tuple(dims)
 
     torch.library.register_vmap(op, rule)

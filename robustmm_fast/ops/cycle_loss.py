@@ -1,5 +1,5 @@
-"""cycle_reconstruction_loss: every modality pair's forward and cycle reconstruction terms, and
-all four input gradients, in one pass.
+"""cycle_reconstruction_loss: every modality pair's forward and cycle reconstruction terms in one
+pass, and all four input gradients in one pass.
 
 For each row r (the leading dims, a pair dimension included) and a row distance d:
 
@@ -15,12 +15,15 @@ For each row r (the leading dims, a pair dimension included) and a row distance 
 For the first three dd/db = -dd/da. Two custom ops carry it:
 
 - ``robustmm::cycle_loss_forward`` reads the four tensors once and writes the per-row terms
-  (2, ...) and, when a gradient is wanted, each row distance's derivative with respect to each
-  input (float32; float64 for float64). The symmetric distances store one derivative per pair.
-- ``robustmm::cycle_loss_backward`` scales them by the upstream gradient of each row's term:
-  grad_input[r, :] = grad_terms[k, r] * G[r, :]. No other intermediate tensor exists.
+  (2, ...) (float32; float64 for float64), and nothing else.
+- ``robustmm::cycle_loss_backward`` reads the four inputs again (saved by the forward), recomputes
+  each row's derivatives and writes the gradients directly:
+  grad_input[r, :] = grad_terms[k, r] * dd/dinput of row r (k = 0 forward, 1 cycle). mse, l1 and
+  smooth_l1 are elementwise (one derivative gives both +g and -g); cosine first reduces the row
+  (dot and norms), then writes. Only the gradients asked for are computed.
 
-Both take the backend chosen at the forward; one autograd.Function calls them
+No tensor of the inputs' size is kept from the forward to the backward beyond the inputs
+themselves. Both ops take the backend chosen at the forward; one autograd.Function calls them
 (ops/_autograd.py). The reduction (mean over included rows, sum, none) and the weights act on
 the (2, rows) terms in plain autograd, so the backward op always receives a per-row upstream
 gradient.
@@ -42,9 +45,9 @@ __all__ = ["cycle_reconstruction_loss", "DISTANCE_CODES"]
 
 OP = "cycle_loss"
 DISTANCE_CODES = {"mse": 0, "l1": 1, "smooth_l1": 2, "cosine": 3}
-COSINE = DISTANCE_CODES["cosine"]
 # need_grad bits of the backward op, in input order
 NEED_FORWARD_PRED, NEED_TARGET, NEED_CYCLE_PRED, NEED_SOURCE = 1, 2, 4, 8
+_NEED_BITS = (NEED_FORWARD_PRED, NEED_TARGET, NEED_CYCLE_PRED, NEED_SOURCE)
 
 
 # ---- the reference backend, with the C++ op's signature ----
@@ -53,47 +56,35 @@ class _ReferenceKernel:
     """The reference backend: the closed-form derivatives of reference/cycle_loss.py."""
 
     @staticmethod
-    def cycle_loss_forward(forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad):
-        name = _ref.DISTANCES[distance]
-        acc = _ref.acc_dtype(forward_pred.dtype)
+    def cycle_loss_forward(forward_pred, target, cycle_pred, source, mask, distance, beta):
         with torch.no_grad():
-            terms = _ref.row_terms(forward_pred, target, cycle_pred, source, mask, name, beta)
-            if not need_grad:
-                empty = forward_pred.new_empty(0, dtype=acc)
-                return terms, empty, empty.clone(), empty.clone(), empty.clone()
-            keep = None if mask is None else mask.unsqueeze(-1)
-
-            def clean(t):
-                t = t.to(acc)
-                return t if keep is None else torch.where(keep, t, torch.zeros((), dtype=acc))
-
-            grads = []
-            for a, b in ((forward_pred, target), (cycle_pred, source)):
-                ga, gb = _ref.distance_grads(clean(a), clean(b), name, beta)
-                if keep is not None:
-                    ga = torch.where(keep, ga, torch.zeros((), dtype=acc))
-                    gb = None if gb is None else torch.where(keep, gb, torch.zeros((), dtype=acc))
-                grads += [ga, forward_pred.new_empty(0, dtype=acc) if gb is None else gb]
-        return (terms, *grads)
+            return _ref.row_terms(forward_pred, target, cycle_pred, source, mask,
+                                  _ref.DISTANCES[distance], beta)
 
     @staticmethod
-    def cycle_loss_backward(grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask,
-                            distance, need_grad, dtype):
-        outs = []
-        for bit, k, g, g_other, sign in (
-                (NEED_FORWARD_PRED, 0, grad_forward, None, 1.0),
-                (NEED_TARGET, 0, grad_target, grad_forward, -1.0),
-                (NEED_CYCLE_PRED, 1, grad_cycle, None, 1.0),
-                (NEED_SOURCE, 1, grad_source, grad_cycle, -1.0)):
-            if not need_grad & bit:
-                outs.append(grad_forward.new_empty(0, dtype=dtype))
-                continue
-            if distance != COSINE and g_other is not None:
-                g = g_other * sign  # symmetric distances: d/db = -d/da
-            scale = grad_terms[k].unsqueeze(-1)
-            if mask is not None:
-                scale = torch.where(mask.unsqueeze(-1), scale, torch.zeros((), dtype=scale.dtype))
-            outs.append((g * scale).to(dtype))
+    def cycle_loss_backward(grad_terms, forward_pred, target, cycle_pred, source, mask, distance,
+                            beta, need_grad):
+        name = _ref.DISTANCES[distance]
+        dtype, acc = forward_pred.dtype, _ref.acc_dtype(forward_pred.dtype)
+        keep = None if mask is None else mask.unsqueeze(-1)
+        zero = torch.zeros((), dtype=acc, device=forward_pred.device)
+
+        def clean(t):  # excluded rows (NaN allowed there) replaced before any arithmetic
+            t = t.to(acc)
+            return t if keep is None else torch.where(keep, t, zero)
+
+        outs = [forward_pred.new_empty(0) for _ in _NEED_BITS]
+        with torch.no_grad():
+            for k, (a, b) in enumerate(((forward_pred, target), (cycle_pred, source))):
+                wanted = [bool(need_grad & bit) for bit in _NEED_BITS[2 * k:2 * k + 2]]
+                if not any(wanted):
+                    continue
+                ga, gb = _ref.distance_grads(clean(a), clean(b), name, beta)
+                scale = grad_terms[k].unsqueeze(-1)
+                for j, g in enumerate((ga, -ga if gb is None else gb)):
+                    if wanted[j]:
+                        g = g * scale
+                        outs[2 * k + j] = (g if keep is None else torch.where(keep, g, zero)).to(dtype)
         return tuple(outs)
 
 
@@ -110,88 +101,67 @@ def _kernel(backend: str):
 
 @torch.library.custom_op("robustmm::cycle_loss_forward", mutates_args=())
 def cycle_loss_forward(backend: str, forward_pred: Tensor, target: Tensor, cycle_pred: Tensor,
-                       source: Tensor, mask: Optional[Tensor], distance: int, beta: float,
-                       need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(terms, grad_forward, grad_target, grad_cycle, grad_source).
-
-    terms: (2, ...) per-row forward and cycle distances (float32; float64 for float64), 0 at
-    excluded rows. grad_*: each row distance's derivative with respect to that input, same
-    dtype, 0 at excluded rows; numel 0 when need_grad is False, and grad_target / grad_source
-    numel 0 for the symmetric distances (their derivative is -grad_forward / -grad_cycle).
-    """
+                       source: Tensor, mask: Optional[Tensor], distance: int,
+                       beta: float) -> Tensor:
+    """terms: (2, ...) per-row forward and cycle distances (float32; float64 for float64), 0 at
+    excluded rows."""
     _backend.record(OP, backend)
     return _kernel(backend).cycle_loss_forward(forward_pred, target, cycle_pred, source, mask,
-                                               distance, beta, need_grad)
+                                               distance, beta)
 
 
 @cycle_loss_forward.register_fake
-def _(backend, forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad):
+def _(backend, forward_pred, target, cycle_pred, source, mask, distance, beta):
     acc = _ref.acc_dtype(forward_pred.dtype)
-    terms = forward_pred.new_empty((2, *forward_pred.shape[:-1]), dtype=acc)
-    full = lambda: forward_pred.new_empty(forward_pred.shape, dtype=acc)  # noqa: E731
-    empty = lambda: forward_pred.new_empty(0, dtype=acc)  # noqa: E731
-    if not need_grad:
-        return terms, empty(), empty(), empty(), empty()
-    both = distance == COSINE
-    return terms, full(), full() if both else empty(), full(), full() if both else empty()
+    return forward_pred.new_empty((2, *forward_pred.shape[:-1]), dtype=acc)
 
 
 @torch.library.custom_op("robustmm::cycle_loss_backward", mutates_args=())
-def cycle_loss_backward(backend: str, grad_terms: Tensor, grad_forward: Tensor,
-                        grad_target: Tensor, grad_cycle: Tensor, grad_source: Tensor,
-                        mask: Optional[Tensor], distance: int, need_grad: int,
-                        dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(d forward_pred, d target, d cycle_pred, d source) in `dtype`: grad_terms[k, r] times the
-    stored derivatives of row r (k = 0 forward, 1 cycle). An input whose need_grad bit (1, 2,
-    4, 8 in that order) is clear gets a numel-0 tensor."""
+def cycle_loss_backward(backend: str, grad_terms: Tensor, forward_pred: Tensor, target: Tensor,
+                        cycle_pred: Tensor, source: Tensor, mask: Optional[Tensor], distance: int,
+                        beta: float, need_grad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d forward_pred, d target, d cycle_pred, d source) in the inputs' dtype: grad_terms[k, r]
+    times row r's derivatives, recomputed from the inputs (k = 0 forward, 1 cycle); 0 at
+    excluded rows. An input whose need_grad bit (1, 2, 4, 8 in that order) is clear gets a
+    numel-0 tensor."""
     _backend.record(OP, backend, backward=True)
-    return tuple(_kernel(backend).cycle_loss_backward(grad_terms, grad_forward, grad_target,
-                                                      grad_cycle, grad_source, mask, distance,
-                                                      need_grad, dtype))
+    return tuple(_kernel(backend).cycle_loss_backward(grad_terms, forward_pred, target,
+                                                      cycle_pred, source, mask, distance, beta,
+                                                      need_grad))
 
 
 @cycle_loss_backward.register_fake
-def _(backend, grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask, distance,
-      need_grad, dtype):
-    shape = grad_forward.shape
-    return tuple(grad_forward.new_empty(shape if need_grad & bit else (0,), dtype=dtype)
-                 for bit in (NEED_FORWARD_PRED, NEED_TARGET, NEED_CYCLE_PRED, NEED_SOURCE))
+def _(backend, grad_terms, forward_pred, target, cycle_pred, source, mask, distance, beta,
+      need_grad):
+    shape = forward_pred.shape
+    return tuple(forward_pred.new_empty(shape if need_grad & bit else (0,)) for bit in _NEED_BITS)
 
 
 # ---- autograd ----
 
 def _need_bits(need) -> int:
     """need_grad bits from needs_input_grad of (forward_pred, target, cycle_pred, source)."""
-    return ((NEED_FORWARD_PRED if need[0] else 0) | (NEED_TARGET if need[1] else 0)
-            | (NEED_CYCLE_PRED if need[2] else 0) | (NEED_SOURCE if need[3] else 0))
+    return sum(bit for bit, n in zip(_NEED_BITS, need) if n)
 
 
 def _setup_context(ctx, inputs, output):
-    forward_pred, target, cycle_pred, source, mask, distance, beta, need_grad = inputs
-    ctx.save_for_backward(*output[1:], mask)
-    if not need_grad:  # no derivatives were computed: the backward recomputes them
-        ctx.inputs = (forward_pred, target, cycle_pred, source)
-    ctx.distance, ctx.beta, ctx.need_grad = distance, beta, need_grad
-    ctx.dtype = forward_pred.dtype
-    ctx.mark_non_differentiable(*output[1:])
+    forward_pred, target, cycle_pred, source, mask, distance, beta = inputs
+    ctx.save_for_backward(forward_pred, target, cycle_pred, source, mask)
+    ctx.distance, ctx.beta = distance, beta
 
 
-def _backward(ctx, backward_op, grad_terms, *_unused):
+def _backward(ctx, backward_op, grad_terms):
     need = ctx.needs_input_grad[1:5]  # [0] is the backend
     need_grad = _need_bits(need)
     if grad_terms is None or not need_grad:
-        return (None,) * 8
-    *grads, mask = ctx.saved_tensors
-    if not ctx.need_grad:
-        grads = _FORWARD(ctx.backend, *ctx.inputs, mask, ctx.distance, ctx.beta, True)[1:]
-    grads = backward_op(grad_terms.contiguous(), *grads, mask, ctx.distance, need_grad,
-                        ctx.dtype)
-    return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None, None)
+        return (None,) * 7
+    *inputs, mask = ctx.saved_tensors
+    grads = backward_op(grad_terms.contiguous(), *inputs, mask, ctx.distance, ctx.beta, need_grad)
+    return (*(g if need[i] else None for i, g in enumerate(grads)), None, None, None)
 
 
-_FORWARD = torch.ops.robustmm.cycle_loss_forward.default
 # the vmapped dim is one more leading (row) dim; in the (2, ...) terms it is dim 1
-register_folded_vmap(cycle_loss_forward, "-rrrrr---", "trrrr")
+register_folded_vmap(cycle_loss_forward, "-rrrrr--", "t")
 register_folded_vmap(cycle_loss_backward, "-trrrrr---", "rrrr")
 _CycleLoss = fused_function("CycleLoss", cycle_loss_forward, cycle_loss_backward, _setup_context,
                             _backward)
@@ -292,11 +262,10 @@ def _cycle_reconstruction_loss(forward_pred, target, cycle_pred, source, mask, d
 
     inputs = (forward_pred.contiguous(), target.contiguous(), cycle_pred.contiguous(),
               source.contiguous())
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     # smooth_l1 with beta 0 is l1 (as in torch), so kernels may divide by beta
     code = DISTANCE_CODES["l1" if distance == "smooth_l1" and beta == 0.0 else distance]
     backend = _backend.choose(OP, forward_pred.device.type, forward_pred.dtype)
-    terms = _CycleLoss.apply(backend, *inputs, mask, code, beta, need_grad)[0]
+    terms = _CycleLoss.apply(backend, *inputs, mask, code, beta)
     terms = _ref.reduce_terms(terms, mask, reduction)
     loss = (forward_weight * terms[0] + cycle_weight * terms[1]).to(forward_pred.dtype)
     if not return_terms:

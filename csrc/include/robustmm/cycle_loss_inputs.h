@@ -4,6 +4,10 @@
 
 #include <torch/types.h>
 
+#include <array>
+#include <optional>
+#include <vector>
+
 #include "robustmm/checks.h"
 #include "robustmm/cycle_loss.h"
 
@@ -52,83 +56,56 @@ inline CycleLossInputs check_cycle_loss_inputs(const at::Tensor& forward_pred,
   return in;
 }
 
-// (terms, grad_forward, grad_target, grad_cycle, grad_source), unfilled. The derivatives exist
-// only when asked for; grad_target / grad_source only for cosine (the symmetric distances'
-// are the negatives of grad_forward / grad_cycle).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-empty_cycle_loss_outputs(const CycleLossInputs& in, int64_t distance, bool need_grad) {
+// The per-row terms (2, ...), unfilled: float32 (float64 for float64 inputs).
+inline at::Tensor empty_cycle_loss_terms(const CycleLossInputs& in) {
   const at::Tensor& ref = in.forward_pred;
-  const auto acc = ref.options().dtype(accumulate_type(ref.scalar_type()));
   std::vector<int64_t> terms_shape{2};
   for (int64_t d = 0; d + 1 < ref.dim(); ++d) terms_shape.push_back(ref.size(d));
-  at::Tensor terms = at::empty(terms_shape, acc);
-  auto full = [&] { return at::empty(ref.sizes(), acc); };
-  auto none = [&] { return at::empty({0}, acc); };
-  if (!need_grad) return {terms, none(), none(), none(), none()};
-  const bool cosine = distance == kCycleCosine;
-  return {terms, full(), cosine ? full() : none(), full(), cosine ? full() : none()};
+  return at::empty(terms_shape, ref.options().dtype(accumulate_type(ref.scalar_type())));
 }
 
 struct CycleLossGradInputs {
-  at::Tensor grad_terms, grad_forward, grad_target, grad_cycle, grad_source, mask;
-  int64_t rows;
-  int64_t dim;
+  CycleLossInputs in;    // the four saved inputs and the mask, checked as for the forward
+  at::Tensor grad_terms;  // contiguous (2, ...) in the terms' dtype
 };
 
+// cycle_loss_backward's arguments: the forward's checks on the inputs, then need_grad and
+// grad_terms (the upstream gradient of the (2, ...) terms: their dtype, device and shape).
 inline CycleLossGradInputs check_cycle_loss_grad_inputs(
-    const at::Tensor& grad_terms, const at::Tensor& grad_forward, const at::Tensor& grad_target,
-    const at::Tensor& grad_cycle, const at::Tensor& grad_source,
-    const std::optional<at::Tensor>& mask, int64_t distance, int64_t need_grad,
-    at::ScalarType dtype, c10::DeviceType device_type) {
-  check_cycle_distance(distance);
+    const at::Tensor& grad_terms, const at::Tensor& forward_pred, const at::Tensor& target,
+    const at::Tensor& cycle_pred, const at::Tensor& source, const std::optional<at::Tensor>& mask,
+    int64_t distance, double beta, int64_t need_grad, c10::DeviceType device_type) {
+  CycleLossGradInputs g{check_cycle_loss_inputs(forward_pred, target, cycle_pred, source, mask,
+                                                distance, beta, device_type),
+                        at::Tensor()};
   TORCH_CHECK_VALUE(need_grad >= 0 && need_grad <= 15,
-                    "robustmm: need_grad must be a 4-bit mask (1, 2, 4, 8), got ", need_grad);
-  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "robustmm: dtype must be a floating type, got ",
-                   dtype);
-  check_floating(grad_forward, "grad_forward");
-  TORCH_CHECK(grad_forward.device().type() == device_type, "robustmm: grad_forward must be a ",
-              c10::DeviceTypeName(device_type), " tensor for this kernel, got ",
-              grad_forward.device());
-  TORCH_CHECK_VALUE(grad_forward.dim() >= 1 && grad_forward.size(-1) > 0,
-                    "robustmm: grad_forward must have shape (..., D) with D > 0, got ",
-                    grad_forward.sizes());
-  TORCH_CHECK_TYPE(grad_forward.scalar_type() == accumulate_type(dtype),
-                   "robustmm: grad_forward must be ", accumulate_type(dtype), " for dtype ", dtype,
-                   ", got ", grad_forward.scalar_type());
-  check_like(grad_cycle, "grad_cycle", grad_forward, "grad_forward");
-  if (distance == kCycleCosine) {
-    check_like(grad_target, "grad_target", grad_forward, "grad_forward");
-    check_like(grad_source, "grad_source", grad_forward, "grad_forward");
-  }
-  const int64_t dim = grad_forward.size(-1);
-  const int64_t rows = grad_forward.numel() / dim;
-  TORCH_CHECK_TYPE(grad_terms.scalar_type() == grad_forward.scalar_type(),
-                   "robustmm: grad_terms and grad_forward must have the same dtype, got ",
-                   grad_terms.scalar_type(), " and ", grad_forward.scalar_type());
-  TORCH_CHECK(grad_terms.device() == grad_forward.device(),
-              "robustmm: grad_terms and grad_forward must be on the same device, got ",
-              grad_terms.device(), " and ", grad_forward.device());
-  TORCH_CHECK_VALUE(grad_terms.numel() == 2 * rows && grad_terms.dim() >= 1 &&
-                        grad_terms.size(0) == 2,
-                    "robustmm: grad_terms must have shape (2, ...) with the leading dims of "
-                    "grad_forward ", grad_forward.sizes(), ", got ", grad_terms.sizes());
-  CycleLossGradInputs in{grad_terms.contiguous(), grad_forward.contiguous(),
-                         grad_target.contiguous(), grad_cycle.contiguous(),
-                         grad_source.contiguous(), at::Tensor(), rows, dim};
-  if (mask.has_value() && mask->defined()) {
-    check_row_mask(*mask, "mask", grad_forward, "grad_forward");
-    in.mask = mask->contiguous();
-  }
-  return in;
+                    "robustmm: need_grad must be a 4-bit mask (1 forward_pred, 2 target, "
+                    "4 cycle_pred, 8 source), got ", need_grad);
+  const at::ScalarType acc = accumulate_type(forward_pred.scalar_type());
+  TORCH_CHECK_TYPE(grad_terms.scalar_type() == acc, "robustmm: grad_terms must be ", acc,
+                   " (the dtype of the terms for ", forward_pred.scalar_type(),
+                   " forward_pred), got ", grad_terms.scalar_type());
+  TORCH_CHECK(grad_terms.device() == forward_pred.device(),
+              "robustmm: grad_terms and forward_pred must be on the same device, got ",
+              grad_terms.device(), " and ", forward_pred.device());
+  std::vector<int64_t> terms_shape{2};
+  for (int64_t d = 0; d + 1 < forward_pred.dim(); ++d) terms_shape.push_back(forward_pred.size(d));
+  TORCH_CHECK_VALUE(grad_terms.sizes() == at::IntArrayRef(terms_shape),
+                    "robustmm: grad_terms must have shape ", at::IntArrayRef(terms_shape),
+                    " (2, then the leading dims of forward_pred ", forward_pred.sizes(),
+                    "), got ", grad_terms.sizes());
+  g.grad_terms = grad_terms.contiguous();
+  return g;
 }
 
-// The four input gradients: full tensors of `dtype` where need_grad asks, numel 0 elsewhere.
-inline std::array<at::Tensor, 4> empty_cycle_loss_grads(const CycleLossGradInputs& in,
-                                                        int64_t need_grad, at::ScalarType dtype) {
-  const auto opts = in.grad_forward.options().dtype(dtype);
+// The four input gradients in the inputs' dtype: full tensors where need_grad asks, numel 0
+// elsewhere.
+inline std::array<at::Tensor, 4> empty_cycle_loss_grads(const CycleLossInputs& in,
+                                                        int64_t need_grad) {
+  const auto opts = in.forward_pred.options();
   std::array<at::Tensor, 4> out;
   for (int k = 0; k < 4; ++k) {
-    out[k] = (need_grad >> k) & 1 ? at::empty(in.grad_forward.sizes(), opts) : at::empty({0}, opts);
+    out[k] = (need_grad >> k) & 1 ? at::empty(in.forward_pred.sizes(), opts) : at::empty({0}, opts);
   }
   return out;
 }

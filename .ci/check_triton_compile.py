@@ -15,7 +15,7 @@ Cache: Triton's compile cache and the ptxas reports live under
 ${ROBUSTMM_CACHE:-~/.cache/robustmm_fast}/triton-compile (keyed by Triton on the source,
 options and target), so a rerun with unchanged kernels takes seconds.
 
-Time: about 10 minutes per arch on 2 cores from a cold cache (about 1550 distinct kernels per
+Time: about 10 minutes per arch on 2 cores from a cold cache (about 2100 distinct kernels per
 arch), seconds warm; .ci/run checks sm_90 (ROBUSTMM_TRITON_ARCH=80 for sm_80).
 
 Exit status: 0 when every variant compiled (or when triton is not installed: skipped with a

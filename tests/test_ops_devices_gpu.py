@@ -24,7 +24,7 @@ import robustmm_fast
 from robustmm_fast import _backend
 from robustmm_fast.ops import cycle_reconstruction_loss, masked_cross_attention, reparameterize_kl
 from conftest import assert_close_dtype, run_on
-from test_ops_dispatch import _attn_inputs, _cycle_inputs, _reparam_inputs
+from test_ops_dispatch import _attn_inputs, _bf16_rule, _cycle_inputs, _reparam_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -102,19 +102,9 @@ def test_backward_outside_use_backend_runs_the_forwards_backend(op, backend):
 def test_bf16_autocast_with_fp32_inputs(op, backend):
     require(backend, op)
     fn, leaves = op_call(op, DEV)
-
-    def run(name, ts, autocast):
-        ts = [t.detach().clone().requires_grad_() for t in ts]
-        with robustmm_fast.use_backend(name), torch.autocast("cuda", torch.bfloat16,
-                                                             enabled=autocast):
-            out = fn(*ts)
-        out.backward()
-        return out, [t.grad for t in ts]
-
-    with run_on(backend, op):
-        out, grads = run(backend, leaves, True)
-    lowp, lowp_grads = run("reference", leaves, True)
-    truth, truth_grads = run("reference", [t.to(torch.bfloat16).double() for t in leaves], False)
+    before = _backend.backend_calls[(op, backend)]
+    (out, grads), (lowp, lowp_grads), (truth, truth_grads) = _bf16_rule(fn, leaves, backend, "cuda")
+    assert _backend.backend_calls[(op, backend)] > before, f"{op} never ran on {backend!r}"
     assert out.dtype == torch.bfloat16, f"{op}: autocast output {out.dtype}"
     assert_close_dtype(out, truth, f"{op} value", lowp_ref=lowp, factor=2.0)
     for i, (g, gl, gt) in enumerate(zip(grads, lowp_grads, truth_grads)):

@@ -132,12 +132,13 @@ def test_double_backward_raises_instead_of_returning_zeros():
 
 # ---------------------------------------------------------------- autocast
 
-def _bf16_rule(fn, leaves, backend):
-    """(outputs, grads) of fn under bf16 CPU autocast on `backend`, the same on the reference
-    backend, and the fp64 truth on the bf16-rounded inputs (what autocast hands the op)."""
+def _bf16_rule(fn, leaves, backend, device_type="cpu"):
+    """(outputs, grads) of fn under bf16 autocast of `device_type` on `backend`, the same on the
+    reference backend, and the fp64 truth on the bf16-rounded inputs (what autocast hands the
+    op)."""
     def run(name, ts, autocast):
         ts = [t.detach().clone().requires_grad_() for t in ts]
-        with robustmm_fast.use_backend(name), torch.autocast("cpu", torch.bfloat16,
+        with robustmm_fast.use_backend(name), torch.autocast(device_type, torch.bfloat16,
                                                              enabled=autocast):
             out = fn(*ts)
         out.backward()

@@ -1,5 +1,6 @@
 """Graph breaks of each method's forward under torch.compile (torch._dynamo.explain), on the
-Handwritten data with each method's default configuration, train mode, batch 64.
+Handwritten data with each method's default configuration, train mode, batch 64, called as
+the recipes call it in the last epoch (labels, so the losses too, and the stage).
 
     python tools/compile_report.py [--method cyin ...]
 
@@ -22,9 +23,13 @@ def explain(name: str, batch_size: int = 64):
     config = method.config(None, {})
     torch.manual_seed(0)
     model = method.build(data, config).train()
+    recipe = method.recipe(config)
+    stage = recipe.stage(recipe.epochs - 1)
     torch._dynamo.reset()
     start = time.perf_counter()
-    result = torch._dynamo.explain(model)(batch.inputs, batch.present, padding=batch.padding)
+    # the training call the recipes make: labels given, so every loss term is traced too
+    result = torch._dynamo.explain(model)(batch.inputs, batch.present, labels=batch.labels,
+                                          padding=batch.padding, stage=stage)
     return result, time.perf_counter() - start
 
 

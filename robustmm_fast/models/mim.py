@@ -137,6 +137,7 @@ from torch import Tensor, nn
 
 from ..nn.cross_modal_transformer import _Block as _MulTBlock
 from ..nn.cross_modal_transformer import sinusoid_positions
+from ..nn.traceable_lstm import TraceableLSTM
 from ..contract import ModelOutput, Recipe, TrainConfig, check_finite, task_loss, zero_absent
 from .base import MultimodalModel
 from .encoders import _Block, _zero_padding
@@ -260,7 +261,8 @@ class UPN(nn.Module):
     def __init__(self, hidden: int, seq_len: int, bottleneck: int):
         super().__init__()
         half = max(1, hidden // 2)
-        self.lstm = nn.LSTM(hidden, half, batch_first=True, bidirectional=True)
+        # nn.LSTM's parameters, init and eager numbers; one graph under torch.compile
+        self.lstm = TraceableLSTM(hidden, half, batch_first=True, bidirectional=True)
         self.score = nn.Sequential(nn.Linear(2 * half, half), nn.ReLU(), nn.Linear(half, 1),
                                    nn.ReLU())
         self.bottleneck = nn.Sequential(nn.Linear(seq_len, bottleneck), nn.ReLU(),
@@ -504,11 +506,12 @@ class MIM(MultimodalModel):
         inf = torch.full((), float("inf"), dtype=losses.dtype, device=losses.device)
         teacher = torch.where(active, losses, inf).argmin()
         teacher = torch.where(active.any(), teacher, torch.full_like(teacher, -1))
-        t = teacher.clamp(min=0)
+        # indexing by the teacher tensor, not by a Python int: no host sync, one compiled graph
+        t = teacher.clamp(min=0).reshape(1)                                 # (1,)
         logp = F.log_softmax(vectors, -1)                                   # (M, B, H)
-        p_t = logp[t].detach().exp()                                        # (B, H)
-        kl = (p_t * (logp[t].detach() - logp)).sum(-1)                      # (M, B)
-        both = keep.t() & keep[:, t].unsqueeze(0)                           # (M, B)
+        logp_t = logp.index_select(0, t).detach()                           # (1, B, H)
+        kl = (logp_t.exp() * (logp_t - logp)).sum(-1)                       # (M, B)
+        both = keep.t() & keep.index_select(1, t).t()                       # (M, B)
         zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
         kl = torch.where(both, kl, zero).sum(1) / both.sum(1).clamp(min=1).to(kl.dtype)  # (M,)
         student = active & (torch.arange(M, device=kl.device) != t)         # (M,)
@@ -516,7 +519,7 @@ class MIM(MultimodalModel):
         if self.inter_weighting == "student":
             inter = (alpha * kl).sum()
         else:
-            scale = (OFFICIAL_KD_TEMPERATURE * alpha[t]) ** 2
+            scale = (OFFICIAL_KD_TEMPERATURE * alpha.index_select(0, t).squeeze(0)) ** 2
             inter = scale * kl.sum() / student.sum().clamp(min=1).to(kl.dtype)
         return inter, alpha, teacher
 

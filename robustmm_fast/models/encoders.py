@@ -67,7 +67,8 @@ class _Block(nn.Module):
 
     def __init__(self, hidden: int, heads: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.attn = MaskedCrossModalAttention(hidden, heads, dropout=attn_dropout)
+        self.attn = MaskedCrossModalAttention(hidden, heads, dropout=attn_dropout,
+                                              batch_first=True)
         self.attn_norm, self.ffn_norm = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.fc1, self.fc2 = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
         self.dropout = dropout

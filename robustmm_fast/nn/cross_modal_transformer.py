@@ -59,7 +59,7 @@ class _Block(nn.Module):
 
     def __init__(self, dim, heads, ffn_dim, attn_dropout, relu_dropout, res_dropout):
         super().__init__()
-        self.attn = MaskedCrossModalAttention(dim, heads, dropout=attn_dropout)
+        self.attn = MaskedCrossModalAttention(dim, heads, dropout=attn_dropout, batch_first=True)
         self.attn_norm, self.ffn_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.fc1, self.fc2 = nn.Linear(dim, ffn_dim), nn.Linear(ffn_dim, dim)
         for fc in (self.fc1, self.fc2):  # MulT's Linear: xavier-uniform weight, zero bias

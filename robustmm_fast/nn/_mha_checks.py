@@ -38,7 +38,7 @@ def check_ranks(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Opt
                                   f"3-D but found {attn_mask.dim()}-D tensor instead")
     if not batched and attn_mask is not None and attn_mask.dim() == 3:
         expected = (num_heads, query.shape[0], key.shape[0])  # (H, Lq, Lk): a batch of one
-        if tuple(attn_mask.shape) != expected:
+        if attn_mask.shape != expected:
             raise AttentionShapeError(f"Expected `attn_mask` shape to be {expected} but got "
-                                      f"{tuple(attn_mask.shape)}")
+                                      f"{attn_mask.shape}")
     return batched

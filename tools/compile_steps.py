@@ -3,9 +3,9 @@ Handwritten with its default configuration (batch 64), the fused backend (auto),
 
     python tools/compile_steps.py --method dmrnet --method mim [--steps 30]
 
-MIM's UPN is the official BiLSTM: dynamo breaks the graph at each LSTM call (torch 2.13 does
-not trace nn.LSTM; with torch._dynamo.config.allow_rnn = True it traces, but inductor then
-fails on CPU on aten.mkldnn_rnn_layer), so MIM compiles in pieces.
+Every method's training forward is one graph (tools/compile_report.py; MIM's BiLSTM is
+nn/traceable_lstm.TraceableLSTM, which dynamo traces). For cold compile times run it with
+TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 (otherwise inductor's on-disk cache serves a rerun).
 """
 import argparse
 import statistics

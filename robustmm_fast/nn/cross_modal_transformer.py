@@ -17,6 +17,21 @@ P: fairseq/MulT sinusoidal positions 1..L as [sin | cos] halves. P_seg restarts 
 source segment, as MulT embeds each source sequence on its own: a source's keys do not depend on
 what is concatenated before it, so the order of the sources does not matter. LN_a is shared by
 the query and the source, as in MulT's layer.
+
+With one source segment, no mask, dropout off (and no token whose first feature is exactly 0)
+this is MulT's TransformerEncoder(x, x_k, x_v) (yaohungt/Multimodal-Transformer
+modules/transformer.py; causal=True: its attn_mask) given the same parameters. Departures:
+- several sources share ONE softmax over their concatenated keys (MulT runs one encoder per
+  (target, source) pair and concatenates the outputs: MulTFusion does that, with one source each);
+- MulT's make_positions treats a token whose first input feature is exactly 0 as padding
+  (position 0, a zero embedding: e.g. zero-padded frames); here every token gets its position,
+  and padding is masked by key_padding_mask / target_padding_mask (MulT has no padding mask);
+- in training, MulT embeds the source twice (as key and as value) and draws embed dropout for
+  each; here one draw serves both;
+- the attention's out_proj keeps nn.MultiheadAttention's init (nn.Linear's, U(+-1/sqrt(E)));
+  MulT re-draws it xavier-uniform (U(+-sqrt(3/E))); in_proj (xavier-uniform), zero biases and the
+  FFN init are MulT's;
+- causal defaults to False; MulT's --attn_mask is on by default (CyIN's MulTFusion passes True).
 """
 from __future__ import annotations
 

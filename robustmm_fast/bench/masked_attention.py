@@ -1,7 +1,10 @@
 """Benchmark cases of masked_cross_attention: this package's backends against the eager
 reference, torch.compile(reference) and F.scaled_dot_product_attention with the equivalent
 boolean mask (the peer; on CUDA also FlexAttention with the equivalent block mask), forward and
-forward+backward.
+forward+backward. The layer rows time nn.MaskedCrossModalAttention (projections included,
+E = H d, batch first, default backend) on its fused path (need_weights=False) and on its
+materialized path (need_weights=True), and nn.MultiheadAttention (need_weights=False) with the
+equivalent mask.
 
 Shapes: B=64, H=8, Lq=50, keys = 3 modality segments of 50, d = 32 and 64 (MulT-sized), with 0,
 1 or 2 of the 3 source modalities absent in every sample (which ones: random per sample,
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..nn.masked_attention import MaskedCrossModalAttention
 from ..ops.masked_attention import masked_cross_attention
 from ..reference.masked_attention import key_keep_mask
 from ..reference.masked_attention import masked_cross_attention as reference
@@ -77,6 +81,35 @@ def _ours(backend: str):
     return make
 
 
+def _layer(cls, need_weights: bool):
+    """The layer on (B, Lq, E) queries and (B, Lk, E) keys: ours with present/key_lengths, MHA
+    with the equivalent key_padding_mask."""
+    def make(case, device):
+        B, H, Lq, lengths, d = case.params["shape"]
+        gen, dtype, E = torch.Generator().manual_seed(0), case.params["dtype"], H * d
+        layer = cls(E, H, batch_first=True).to(device, dtype)
+        x, s, grad = (torch.randn(B, n, E, generator=gen).to(device, dtype)
+                      for n in (Lq, sum(lengths), Lq))
+        x.requires_grad_()
+        present = presence(B, len(lengths), case.params["absent"], gen).to(device)
+        masks = dict(present=present, key_lengths=lengths)
+        if cls is not MaskedCrossModalAttention:
+            masks = dict(key_padding_mask=~key_keep_mask(B, s.shape[1], present, lengths, None,
+                                                         device))
+        call = lambda: layer(x, s, s, need_weights=need_weights, **masks)[0]  # noqa: E731
+
+        def forward():
+            with torch.no_grad():
+                return call()
+
+        def forward_backward():
+            call().backward(grad)
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+        return forward, forward_backward
+    return make
+
+
 def _compiled(case, device):
     return _closures(compiled(reference), case, device)
 
@@ -116,6 +149,11 @@ def implementations(device: torch.device) -> tuple[list[Impl], str, tuple[str, .
         Impl("compile(reference)", lambda c: _compiled(c, device)),
         Impl("SDPA + bool mask", lambda c: _closures(_sdpa, c, device)),
     ]
+    impls += [Impl("layer: ours fused (need_weights=False)", lambda c: _layer(
+        MaskedCrossModalAttention, False)(c, device)), Impl("layer: ours materialized "
+        "(need_weights=True)", lambda c: _layer(MaskedCrossModalAttention, True)(c, device)),
+        Impl("layer: nn.MultiheadAttention (need_weights=False)",
+             lambda c: _layer(torch.nn.MultiheadAttention, False)(c, device))]
     peers = ("eager reference", "compile(reference)", "SDPA + bool mask")
     if device.type == "cuda":
         impls.append(Impl("FlexAttention + block mask", lambda c: _flex(c, device)))

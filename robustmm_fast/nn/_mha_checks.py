@@ -1,5 +1,5 @@
-"""The input-rank checks of nn.MultiheadAttention (F._mha_shape_check), with its messages, for
-MaskedCrossModalAttention.
+"""MaskedCrossModalAttention's input checks: the ranks as nn.MultiheadAttention checks them
+(F._mha_shape_check, with its messages), then the sizes and mask dtypes.
 
 Our bad-shape error is a ValueError that is also an AssertionError: ours says ValueError (a bad
 argument), and code written against MHA -- which raises AssertionError -- still catches it.
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-__all__ = ["AttentionShapeError", "check_ranks"]
+__all__ = ["AttentionShapeError", "check_ranks", "check_shapes"]
 
 
 class AttentionShapeError(ValueError, AssertionError):
@@ -42,3 +43,31 @@ def check_ranks(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Opt
             raise AttentionShapeError(f"Expected `attn_mask` shape to be {expected} but got "
                                       f"{attn_mask.shape}")
     return batched
+
+
+def check_shapes(layer, query: Tensor, key: Tensor, value: Tensor,
+                 key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool,
+                 given: str) -> None:
+    """query (B, Lq, E), key (B, Lk, kdim), value (B, Lk, vdim) after the layout change (from
+    `given`); masks bool or float, key_padding_mask (B, Lk), attn_mask (Lq, Lk) or (B*H, Lq, Lk)
+    unless is_causal (then only a hint, unread)."""
+    (B, Lq, E), Lk, H = query.shape, key.shape[1], layer.num_heads
+    if (E, key.shape[-1], value.shape[-1]) != (layer.embed_dim, layer.kdim, layer.vdim) \
+            or key.shape[:2] != value.shape[:2] or key.shape[0] != B:
+        raise AttentionShapeError(
+            f"expected query (B, Lq, {layer.embed_dim}), key (B, Lk, {layer.kdim}), value "
+            f"(B, Lk, {layer.vdim}) (given as {given}), got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)} after the layout change")
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and not (m.dtype == torch.bool or m.is_floating_point()):
+            raise TypeError(f"{name} must be bool (True = masked) or float (additive), "
+                            f"got {m.dtype}")
+    if attn_mask is not None and not is_causal \
+            and tuple(attn_mask.shape) not in ((Lq, Lk), (B * H, Lq, Lk)):
+        raise AttentionShapeError(
+            f"attn_mask must have shape (Lq, Lk)=({Lq}, {Lk}) or (B*H, Lq, Lk)=({B * H}, {Lq}, "
+            f"{Lk}), got {tuple(attn_mask.shape)}")
+    if key_padding_mask is not None and key_padding_mask.is_floating_point() \
+            and key_padding_mask.shape != (B, Lk):  # a bool one: key_keep checks it
+        raise AttentionShapeError(f"key_padding_mask must have shape (B={B}, Lk={Lk}), got "
+                                  f"{tuple(key_padding_mask.shape)}")

@@ -23,7 +23,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..ops.masked_attention import masked_cross_attention
 from ..reference.masked_attention import key_keep_mask
-from ._mha_checks import AttentionShapeError, check_ranks
+from ._mha_checks import AttentionShapeError, check_ranks, check_shapes
 
 __all__ = ["AttentionShapeError", "MaskedCrossModalAttention", "key_keep"]
 
@@ -199,28 +199,10 @@ class MaskedCrossModalAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         B, Lq, E = query.shape
         Lk = key.shape[1]
-        if (E, key.shape[-1], value.shape[-1]) != (self.embed_dim, self.kdim, self.vdim) \
-                or key.shape[:2] != value.shape[:2] or key.shape[0] != B:
-            layout = "(B, L, E)" if self.batch_first or not batched else "(L, B, E)"
-            raise AttentionShapeError(
-                f"expected query (B, Lq, {self.embed_dim}), key (B, Lk, {self.kdim}), value "
-                f"(B, Lk, {self.vdim}) (given as {layout}), got {tuple(query.shape)}, "
-                f"{tuple(key.shape)}, {tuple(value.shape)} after the layout change")
-        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if m is not None and not (m.dtype == torch.bool or m.is_floating_point()):
-                raise TypeError(f"{name} must be bool (True = masked) or float (additive), "
-                                f"got {m.dtype}")
-        H = self.num_heads
-        if attn_mask is not None and not is_causal \
-                and tuple(attn_mask.shape) not in ((Lq, Lk), (B * H, Lq, Lk)):
-            raise AttentionShapeError(
-                f"attn_mask must have shape (Lq, Lk)=({Lq}, {Lk}) or (B*H, Lq, Lk)=({B * H}, {Lq}, "
-                f"{Lk}), got {tuple(attn_mask.shape)}")
+        check_shapes(self, query, key, value, key_padding_mask, attn_mask, is_causal,
+                     given="(B, L, E)" if self.batch_first or not batched else "(L, B, E)")
         float_kpm = key_padding_mask if key_padding_mask is not None \
             and key_padding_mask.is_floating_point() else None
-        if float_kpm is not None and float_kpm.shape != (B, Lk):
-            raise AttentionShapeError(f"key_padding_mask must have shape (B={B}, Lk={Lk}), got "
-                                      f"{tuple(float_kpm.shape)}")
         bool_kpm = key_padding_mask if float_kpm is None else None
         keep = key_keep(B, Lk, present, key_lengths, bool_kpm, query.device)  # (B, Lk)
         if keep is not None:  # masked keys never reach any arithmetic (NaN-safe, gradients too)
@@ -236,8 +218,10 @@ class MaskedCrossModalAttention(nn.Module):
                 q, k, v, keep_all, _pad_keys(float_kpm, extra, 0),
                 None if is_causal else _pad_keys(attn_mask, extra, 0),  # 0: False or 0.0
                 Lk if is_causal else None, self.dropout if self.training else 0.0)
-            weights = None if not need_weights else weights.mean(1) if average_attn_weights \
-                else weights
+            if not need_weights:
+                weights = None
+            elif average_attn_weights:
+                weights = weights.mean(1)                              # (B, Lq, Lk + extra)
         else:
             masks = (dict(present=present, key_lengths=key_lengths, key_padding_mask=bool_kpm)
                      if not extra else   # the appended keys: a segment never masked

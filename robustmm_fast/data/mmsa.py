@@ -28,13 +28,13 @@ What this loader does, and why:
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from . import safe_pickle
 from .dataset import SPLITS, MultimodalDataset
 
 __all__ = ["load_mmsa"]
@@ -49,28 +49,21 @@ def _fail(path, problem: str):
     raise ValueError(f"MMSA file {path}: {problem}")
 
 
-def _read_pickle(path: Path):
-    """Unpickle with Python 3 defaults, then with encoding='latin1' (pickles written by
-    Python 2 numpy need it)."""
-    errors = []
-    for kwargs in ({}, {"encoding": "latin1"}):
-        try:
-            with open(path, "rb") as f:
-                return pickle.load(f, **kwargs)
-        except (UnicodeDecodeError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
-                AttributeError, ImportError, IndexError, KeyError) as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-    _fail(path, "not a readable pickle (" + "; ".join(errors) + ")")
+def _real_array(path, split, key, value) -> np.ndarray:
+    """`value` as a numpy array of bools, integers or reals (not complex, datetime, strings or
+    objects), or a ValueError naming the file, split and key."""
+    try:
+        x = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        _fail(path, f"split {split!r} key {key!r} is not an array ({type(exc).__name__}: {exc})")
+    if x.dtype.kind not in "biuf":
+        _fail(path, f"split {split!r} key {key!r} must be numeric, got dtype {x.dtype}")
+    return x
 
 
 def _features(path, split, key, value, n, nonfinite, zeroed) -> np.ndarray:
     """(N, L, D) float32, MMSA's -inf -> 0 for audio, then the non-finite check."""
-    try:
-        x = np.asarray(value)
-    except Exception as exc:  # ragged lists and the like
-        _fail(path, f"split {split!r} key {key!r} is not an array ({exc})")
-    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        _fail(path, f"split {split!r} key {key!r} must be numeric, got dtype {x.dtype}")
+    x = _real_array(path, split, key, value)
     if x.ndim != 3:
         _fail(path, f"split {split!r} key {key!r} must be (N, L, D), got shape {x.shape}")
     if x.shape[0] != n:
@@ -93,24 +86,22 @@ def _features(path, split, key, value, n, nonfinite, zeroed) -> np.ndarray:
 
 
 def _lengths(path, split, key, value, n, max_len) -> np.ndarray:
-    ln = np.asarray(value)
+    ln = _real_array(path, split, key, value)
     if ln.ndim == 2 and ln.shape[1] == 1:
         ln = ln[:, 0]
     if ln.shape != (n,):
         _fail(path, f"split {split!r} key {key!r} must be ({n},), got shape {ln.shape}")
-    if not np.issubdtype(ln.dtype, np.number) or not np.all(np.isfinite(ln)) \
-            or np.any(ln != np.round(ln)):
+    if not np.all(np.isfinite(ln)) or np.any(ln != np.round(ln)):
         _fail(path, f"split {split!r} key {key!r} must hold integer lengths")
-    ln = ln.astype(np.int64)
-    if n and (ln.min() < 0 or ln.max() > max_len):
+    if n and (ln.min() < 0 or ln.max() > max_len):  # before the cast: 1e30 must not wrap
         _fail(path, f"split {split!r} key {key!r} has lengths in [{ln.min()}, {ln.max()}] "
                     f"outside [0, {max_len}] (the sequence length of its features)")
-    return ln
+    return ln.astype(np.int64)
 
 
 def _text_lengths(path, split, value, n, max_len) -> np.ndarray:
     """Last non-zero attention-mask position + 1, per sample."""
-    tb = np.asarray(value)
+    tb = _real_array(path, split, "text_bert", value)
     if tb.ndim != 3 or tb.shape[0] != n or tb.shape[1] != 3 or tb.shape[2] != max_len:
         _fail(path, f"split {split!r} key 'text_bert' must be (N={n}, 3, L_t={max_len}) "
                     f"(ids, mask, segments), got shape {tb.shape}")
@@ -124,15 +115,17 @@ def _read_split(path, split, d, nonfinite, zeroed):
     missing = [k for k in (*FEATURE_KEYS.values(), LABEL_KEY) if k not in d]
     if missing:
         _fail(path, f"split {split!r} lacks key(s) {missing}; it has {sorted(map(str, d))}")
-    y = np.asarray(d[LABEL_KEY])
+    y = _real_array(path, split, LABEL_KEY, d[LABEL_KEY])
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.number):
+    if y.ndim != 1:
         _fail(path, f"split {split!r} key {LABEL_KEY!r} must be numeric (N,), got "
                     f"{y.dtype} {y.shape}")
-    y = y.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = y.astype(np.float32)                     # float64 overflow becomes inf: refused
     if not np.all(np.isfinite(y)):
-        _fail(path, f"split {split!r} key {LABEL_KEY!r} has non-finite labels")
+        _fail(path, f"split {split!r} key {LABEL_KEY!r} has {int((~np.isfinite(y)).sum())} "
+                    "non-finite labels (after float32 cast); labels must be finite")
     n = y.shape[0]
     feats = {m: _features(path, split, k, d[k], n, nonfinite, zeroed)
              for m, k in FEATURE_KEYS.items()}
@@ -177,7 +170,7 @@ def load_mmsa(path: Union[str, Path], *, text: str = "text", name: Optional[str]
     path = Path(path)
     if not path.is_file():
         _fail(path, "no such file")
-    data = _read_pickle(path)
+    data = safe_pickle.load_file(path, "MMSA file")   # no code from the file runs
     if not isinstance(data, dict):
         _fail(path, f"top level must be a dict of splits {SPLITS}, got {type(data).__name__}")
     missing = [s for s in SPLITS if s not in data]

@@ -133,3 +133,20 @@ def test_cross_attention_is_causal():
     a, b = cmt(x, [s]), cmt(x, [s2])
     torch.testing.assert_close(a[:, :4], b[:, :4])
     assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_mult_fusion_attention_init_is_mults():
+    """MulT's (CyIN's multihead_attention.py:44-49): out_proj xavier-uniform U(+-sqrt(6/(2E)))
+    with a zero bias, not nn.Linear's U(+-1/sqrt(E)) (sqrt(3) times narrower)."""
+    import math
+    from robustmm_fast.nn import MaskedCrossModalAttention, MulTFusion
+    torch.manual_seed(0)
+    fusion = MulTFusion(3, 64, 4, 2)
+    attns = [m for m in fusion.modules() if isinstance(m, MaskedCrossModalAttention)]
+    assert len(attns) == 3 * 2 * 2 + 3 * 3  # 6 cross stacks x 2 layers, 3 memories x 3 layers
+    for attn in attns:
+        w = attn.out_proj.weight
+        bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+        assert w.abs().max() <= bound
+        assert w.abs().max() > 1.2 / math.sqrt(w.shape[1])  # beyond nn.Linear's bound
+        assert torch.equal(attn.out_proj.bias, torch.zeros_like(attn.out_proj.bias))

@@ -9,6 +9,8 @@ RH-Lin/CyIN models/generationBased/CyIN.py), for M >= 2 modalities of one width 
     c_n      = concat_{m != n} h_{n<-m}                 (B, L_n, (M-1) E)   (2E for M = 3)
     o_n      = Memory_n(c_n)                           self-attention stack of width (M-1) E
     out      = concat_n mean_t o_n                      (B, M (M-1) E)
+    init: MulT's -- every attention's in_proj and out_proj xavier-uniform, zero biases (the
+    layers' FFN as CrossModalTransformer: xavier-uniform, zero bias)
 
 JointFusion -- our variant: one CrossModalTransformer per target attends to all other sources
 concatenated, in ONE masked softmax per layer (so the sources compete for attention), with a
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .cross_modal_transformer import CrossModalTransformer, _Stack
+from .masked_attention import MaskedCrossModalAttention
 
 __all__ = ["MulTFusion", "JointFusion", "FUSIONS"]
 
@@ -89,6 +92,14 @@ class MulTFusion(nn.Module):
                    memory_attn_dropout, relu_dropout, res_dropout, embed_dropout, True)
             for _ in range(M))
         self.out_dim = M * width
+        # MulT's attention init (CyIN's copy: models/subNets/transformers_encoder/
+        # multihead_attention.py:44-49): out_proj xavier-uniform with a zero bias too, where
+        # nn.MultiheadAttention (and MaskedCrossModalAttention) keep nn.Linear's U(+-1/sqrt(E))
+        for module in self.modules():
+            if isinstance(module, MaskedCrossModalAttention):
+                nn.init.xavier_uniform_(module.out_proj.weight)
+                if module.out_proj.bias is not None:
+                    nn.init.zeros_(module.out_proj.bias)
 
     def forward(self, feats: Sequence[Tensor], padding: Sequence[Tensor],
                 available: Tensor) -> Tensor:

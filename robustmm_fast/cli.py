@@ -24,23 +24,26 @@ def _bench(args) -> int:
     from .bench import format_table, run_cases
     from .bench.runner import peak_bandwidth, timing_method
     module = importlib.import_module(f"robustmm_fast.bench.{args.op}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("robustmm bench: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
+    from .usage import UsageError, check_device, check_out
+    device = check_device(args.device)
+    if args.repeat < 1:
+        raise UsageError(f"--repeat: expected an integer >= 1, got {args.repeat}")
+    if args.output:
+        from pathlib import Path
+        if Path(args.output).is_dir():
+            raise UsageError(f"--output {args.output}: is a directory (expected a file name)")
+        check_out(str(Path(args.output).parent), "--output")
     dtype = getattr(torch, args.dtype)
     kwargs = {"dtype": dtype}
     if args.shape:
         if args.op in ("masked_attention", "models"):
-            print(f"robustmm bench: --shape does not apply to {args.op}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--shape does not apply to {args.op}")
         kwargs["shapes"] = args.shape
     for option, name in ((args.distance, "distances"), (args.mask, "masks"),
                          (args.methods, "methods")):
         if option:
             if name not in inspect.signature(module.cases).parameters:
-                print(f"robustmm bench: --{name[:-1]} does not apply to {args.op}", file=sys.stderr)
-                return 2
+                raise UsageError(f"--{name[:-1]} does not apply to {args.op}")
             kwargs[name] = tuple(option)
     cases = module.cases(**kwargs)
     impls, ours, baselines = module.implementations(device)
@@ -155,33 +158,53 @@ def _harness_args(p, *, default_protocol: str, default_out: str) -> None:
 def _harness(args) -> int:
     from .config import load_config, parse_overrides
     from .run import DEFAULT_SEEDS, run
+    from .usage import (UsageError, check_configs, check_data, check_device, check_methods,
+                        check_out, check_protocol)
     try:
         config_file = load_config(args.config)
         overrides = parse_overrides(args.overrides)
     except ValueError as exc:
-        print(f"robustmm {args.command}: {exc}", file=sys.stderr)
-        return 2
-    methods = args.methods if args.command == "run" else [args.method]
+        raise UsageError(str(exc)) from None
+    if args.command == "run":
+        methods = check_methods(args.methods, "--methods") if args.methods else None
+    else:
+        methods = check_methods([args.method], "--method")
     quick = getattr(args, "quick", False)
     seeds = args.seeds or list(DEFAULT_SEEDS[:1] if quick else DEFAULT_SEEDS)
+    check_protocol(args.protocol)
+    device = check_device(args.device)
+    dataset = check_data(args.data, seeds[0])
+    from .models.registry import METHODS
+    check_configs(methods or list(METHODS), dataset, overrides, config_file, args.config)
+    check_out(args.out)
     run(methods, data=args.data, seeds=seeds, protocol=args.protocol, out=args.out,
         quick=quick, overrides=overrides, config_file=config_file,
-        device=args.device, progress=not args.no_progress)
+        device=str(device), progress=not args.no_progress)
     return 0
 
 
 def _eval(args) -> int:
-    from .run import load_data, parse_protocol, protocol_masks, score
-    from .models.registry import get_method
-    from .train import load_best, load_trained
-    points = parse_protocol(args.protocol)
-    saved = load_best(args.checkpoint)["method"]
+    from .run import parse_protocol, protocol_masks, score
+    from .models.registry import METHODS, get_method
+    from .train import load_trained
+    from .usage import UsageError, check_checkpoint, check_data, check_device, check_protocol
+    points = check_protocol(args.protocol)
+    device = check_device(args.device)
+    saved = check_checkpoint(args.checkpoint).get("method")
+    if not isinstance(saved, str) or not (saved.startswith("custom:") or saved in METHODS):
+        raise UsageError(f"checkpoint {args.checkpoint}: its method {saved!r} is not one of "
+                         f"ours ({', '.join(sorted(METHODS))})")
     method = None if saved.startswith("custom:") else get_method(saved)
     rows = []
-    for seed in args.seeds:
-        dataset = load_data(args.data, seed)
-        model = load_trained(args.checkpoint, dataset, method=method)
-        scores = score(model, dataset, protocol_masks(dataset, points, seed), device=args.device)
+    for i, seed in enumerate(args.seeds):
+        dataset = check_data(args.data, seed)
+        try:
+            model = load_trained(args.checkpoint, dataset, method=method)
+        except (ValueError, TypeError, KeyError) as exc:
+            if i:
+                raise
+            raise UsageError(f"checkpoint {args.checkpoint} on --data {args.data}: {exc}") from None
+        scores = score(model, dataset, protocol_masks(dataset, points, seed), device=str(device))
         for point, metrics in scores.items():
             rows.append((seed, point, metrics))
     import json
@@ -191,9 +214,18 @@ def _eval(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: `robustmm <command>: error: ...` (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="robustmm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="robustmm", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback for errors in the arguments too")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="the main job: every method on Handwritten, complete, "
                                        "every subset and eta = 0.1..0.5, one table")
@@ -233,7 +265,21 @@ def main(argv=None) -> int:
     bench.add_argument("--output", metavar="FILE",
                        help="also write the report (a header with device, versions and date, then "
                             "the tables) to FILE, e.g. benches/results/reparam_kl-h100-bf16.md")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback for errors in the arguments too")
     args = parser.parse_args(argv)
+    from .usage import UsageError
+    try:
+        return _command(args)
+    except UsageError as exc:  # the user's to fix: one line; our own bugs keep their traceback
+        if args.debug:
+            raise
+        print(f"robustmm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(args) -> int:
     if args.command in ("run", "train"):
         return _harness(args)
     if args.command == "eval":

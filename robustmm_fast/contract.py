@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -80,6 +81,39 @@ def zero_absent(x: Tensor, present_m: Tensor, padding: Optional[Tensor] = None) 
 GRAD_CLIP_MODES = ("norm", "value")
 
 
+def _matches(value, hint) -> bool:
+    """Whether a config value has a field's annotated type (checked before any use, so a typo
+    such as lr="abc" is reported with its key, not as a failed float() deep in a recipe).
+    int accepts no bool; float accepts an int; tuple[...] / Optional / Union recursively."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is tuple or origin is tuple:
+        return isinstance(value, tuple) and (not args or args[-1] is Ellipsis and all(
+            _matches(x, args[0]) for x in value) or args[-1] is not Ellipsis and len(args) == len(
+            value) and all(_matches(x, a) for x, a in zip(value, args)))
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation we do not check (e.g. a Literal, a Callable)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return {type(None): "None", float: "a number", int: "an integer", bool: "true or false",
+            str: "a string", tuple: "a list"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The keys every recipe reads. A method's config subclasses it with its own fields.
@@ -114,9 +148,13 @@ class TrainConfig:
             raise ValueError(f"{name or cls.__name__}: unknown config key(s) {unknown}; known "
                              f"keys: {sorted(fields)}")
         defaults = cls()
+        hints = typing.get_type_hints(cls)
         for k, v in config.items():
             if isinstance(getattr(defaults, k), tuple) and isinstance(v, list):
-                config[k] = tuple(v)
+                config[k] = v = tuple(v)
+            if not _matches(v, hints.get(k, Any)):
+                raise ValueError(f"{name or cls.__name__}: config key {k!r} must be "
+                                 f"{_type_name(hints[k])}, got {v!r}")
         return cls(**config)
 
     def replace(self, **changes):

@@ -167,33 +167,24 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
         device: str = "cpu", progress: bool = True,
         log: Callable[[str], None] = print) -> RunResult:
     """Train and score every method; write out/results.json, results.csv, robustness.png."""
-    from .config import merge, select
     from .metrics import primary_metric
     from .missing import save_masks
-    from .models.registry import METHODS, default_config
+    from .models.registry import METHODS
     from .train import fit
-    from .contract import ENGINE_KEYS
     methods = list(methods or METHODS)
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; known: {sorted(METHODS)}")
-    shared = merge({k: v for k, v in (config_file or {}).items() if k not in METHODS},
-                   overrides or {})
-    if len(methods) > 1:  # a shared key goes to the methods that have it; none having it is an error
-        unknown = sorted(k for k in shared if k not in ENGINE_KEYS
-                         and not any(k in METHODS[m].defaults for m in methods))
-        if unknown:
-            raise ValueError(f"config key(s) {unknown} belong to none of the methods {methods}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     points = parse_protocol(protocol)
     if ("complete", None) not in points:
         points.insert(0, ("complete", None))  # every table starts from the complete test set
     etas = [v for k, v in points if k == "eta" and v > 0]
+    first = load_data(data, seeds[0])  # a bad spec, file or config fails here, before training
+    configs = method_configs(methods, first.name, overrides=overrides, config_file=config_file,
+                             quick=quick)
+    out.mkdir(parents=True, exist_ok=True)
     result: Optional[RunResult] = None
     start = time.perf_counter()
     for seed in seeds:
-        dataset = load_data(data, seed)
+        dataset = first if seed == seeds[0] else load_data(data, seed)
         if result is None:
             key, higher = primary_metric(dataset.task)
             result = RunResult(key, higher, etas=tuple(etas),
@@ -205,15 +196,8 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
                    {"seed": seed, "data": data, "modalities": dataset.modalities,
                     "split": "test", "protocol": protocol})
         for method in methods:
-            own = merge(select(config_file or {}, method, METHODS), overrides or {})
-            if len(methods) > 1:
-                own = {k: v for k, v in own.items()
-                       if k in METHODS[method].defaults or k in ENGINE_KEYS or k not in shared}
-            cfg = merge(default_config(method, dataset.name), own)
-            if quick:
-                cfg = _quick(cfg)
             t0 = time.perf_counter()
-            fitted = fit(METHODS[method], dataset, config=cfg, seed=seed,
+            fitted = fit(METHODS[method], dataset, config=configs[method], seed=seed,
                          out_dir=out / method / f"seed-{seed}",
                          device=device, progress=progress)
             scores = score(fitted.model, dataset, masks, device=device)
@@ -227,6 +211,40 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
     summarize(result)
     write_results(result, out, log)
     return result
+
+
+def method_configs(methods: Sequence[str], dataset_name: str, *,
+                   overrides: Optional[dict] = None, config_file: Optional[dict] = None,
+                   quick: bool = False) -> dict[str, dict]:
+    """{method: its full config on this dataset}: defaults, the dataset's preset, the config
+    file's shared keys and the method's table, then overrides; checked (keys and typed values)
+    as fit will use it. With several methods a shared key goes to the methods that have it,
+    and one that none has is an error."""
+    from .config import merge, select
+    from .contract import ENGINE_KEYS
+    from .models.registry import METHODS, default_config
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; known: {sorted(METHODS)}")
+    shared = merge({k: v for k, v in (config_file or {}).items() if k not in METHODS},
+                   overrides or {})
+    if len(methods) > 1:
+        unknown = sorted(k for k in shared if k not in ENGINE_KEYS
+                         and not any(k in METHODS[m].defaults for m in methods))
+        if unknown:
+            raise ValueError(f"config key(s) {unknown} belong to none of the methods {methods}")
+    configs = {}
+    for method in methods:
+        own = merge(select(config_file or {}, method, METHODS), overrides or {})
+        if len(methods) > 1:
+            own = {k: v for k, v in own.items()
+                   if k in METHODS[method].defaults or k in ENGINE_KEYS or k not in shared}
+        engine = {k: v for k, v in own.items() if k in ENGINE_KEYS}
+        cfg = merge(default_config(method, dataset_name), own)
+        # the method's own keys checked now (typed values), the engine's keys by the engine
+        METHODS[method].config(dataset_name, {k: v for k, v in cfg.items() if k not in engine})
+        configs[method] = _quick(cfg) if quick else cfg
+    return configs
 
 
 def _quick(cfg: dict) -> dict:

@@ -12,7 +12,7 @@ import torch
 from robustmm_fast import cli
 from robustmm_fast.config import load_config, parse_overrides, select
 from robustmm_fast.missing import fixed_subsets, load_masks
-from robustmm_fast.run import parse_protocol, protocol_masks
+from robustmm_fast.run import load_data, parse_protocol, protocol_masks
 
 from test_data import mmsa_dict, write_pkl
 
@@ -132,10 +132,12 @@ def test_train_then_eval_round_trip(tmp_path, capsys):
     assert json.loads(line.split(" ", 3)[3])["accuracy"] == round(acc, 4)
 
 
-def test_train_unknown_key_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="no_such_key"):
-        cli.main(["train", "--method", "late_fusion", "--seeds", "1111", "--out", str(tmp_path),
-                  "--no-progress", "--set", "no_such_key=1"])
+def test_train_unknown_key_is_a_clear_error(tmp_path, capsys):
+    """One line naming the key, exit status 2 (tests/test_cli_errors.py has the full table)."""
+    assert cli.main(["train", "--method", "late_fusion", "--seeds", "1111", "--out",
+                     str(tmp_path), "--no-progress", "--set", "no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("robustmm train: error: ") and "no_such_key" in err
 
 
 def test_train_on_mmsa_format(tmp_path):
@@ -155,6 +157,9 @@ def test_train_on_mmsa_format(tmp_path):
         assert metrics["MAE"] == metrics["MAE"]  # finite, not NaN
 
 
-def test_bad_data_spec():
-    with pytest.raises(ValueError, match="--data must be"):
-        cli.main(["train", "--method", "late_fusion", "--data", "imagenet", "--no-progress"])
+def test_bad_data_spec(capsys):
+    assert cli.main(["train", "--method", "late_fusion", "--data", "imagenet",
+                     "--no-progress"]) == 2
+    assert "--data must be" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--data must be"):  # the library API raises
+        load_data("imagenet", 1111)

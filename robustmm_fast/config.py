@@ -22,9 +22,12 @@ def load_config(path: Optional[str]) -> dict:
         return {}
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")     # TOML and JSON are UTF-8 by their specs
     except OSError as exc:
         raise ValueError(f"config file {p}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {p}: not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start})") from None
     try:
         if p.suffix.lower() == ".toml":
             data = tomllib.loads(text)
@@ -34,6 +37,8 @@ def load_config(path: Optional[str]) -> dict:
             raise ValueError(f"config file {p}: expected a .toml or .json file")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"config file {p}: not valid {p.suffix[1:].upper()}: {exc}") from None
+    except RecursionError:  # both parsers recurse per nesting level: "[[[[...": not a config
+        raise ValueError(f"config file {p}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {p}: the top level must be a table/object of keys")
     return data

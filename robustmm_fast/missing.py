@@ -31,7 +31,6 @@ import numbers
 import operator
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -313,14 +312,16 @@ def load_masks(path) -> tuple[dict[str, Tensor], dict]:
                 arrays = {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except Exception as e:  # all from the bytes: BadZipFile, zlib.error, NotImplementedError
+        # (an unknown zip version or compression), EOFError, KeyError, MemoryError, ...
         raise ValueError(f"{path}: not a readable mask file ({type(e).__name__}: {e})") from None
     if _META_KEY not in arrays:
         raise ValueError(f"{path}: no {_META_KEY!r} entry; not written by save_masks")
     try:
         meta = json.loads(str(arrays.pop(_META_KEY)))
-    except ValueError as e:
-        raise ValueError(f"{path}: metadata is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deeply
+        raise ValueError(f"{path}: metadata is not valid JSON ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
     if not arrays:

@@ -12,9 +12,11 @@ import pickle
 import re
 import struct
 import subprocess
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from robustmm_fast.data import load_mmsa
 from robustmm_fast.data.safe_pickle import ALLOWED
@@ -163,6 +165,32 @@ def test_allowed_globals_only_in_their_harmless_use(tmp_path, blob, problem):
     path.write_bytes(blob)
     with pytest.raises(ValueError, match=re.escape(str(path))):
         load_mmsa(path)
+
+
+def test_huge_memo_index_costs_nothing(tmp_path):
+    """LONG_BINPUT 2**32-1: the C unpickler would zero-fill a 32 GB memo array."""
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(b"\x80\x04}r\xff\xff\xff\xff.")          # {} memoized at 4294967295
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*missing split"):
+        load_mmsa(path)
+    assert time.perf_counter() - start < 1
+
+
+@pytest.mark.parametrize("target", [b"cnumpy._core.numeric\n_frombuffer\n",
+                                    b"c_codecs\nencode\n", b"cnumpy\nndarray\n",
+                                    b"cnumpy\ndtype\n", b"ccollections\nOrderedDict\n"])
+def test_build_cannot_alter_an_allowed_global(tmp_path, target):
+    """BUILD (setattr through a state's slot dict) on an allowed global is refused, and the
+    allowlist is unchanged for the next file."""
+    before = {k: (v, getattr(v, "__defaults__", None)) for k, v in ALLOWED.items()}
+    path = tmp_path / "tamper.pkl"
+    state = pickle.dumps((None, {"__defaults__": (1,)}), protocol=0)[:-1]   # (None, slots)
+    path.write_bytes(target + state + b"b.")                                   # BUILD
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        load_mmsa(path)
+    assert {k: (v, getattr(v, "__defaults__", None)) for k, v in ALLOWED.items()} == before
+    assert load_mmsa(write(tmp_path / "ok.pkl", mmsa_like())).num_samples == 9
 
 
 def test_allowlist_is_exactly_numpy_reconstruction_and_containers():
@@ -324,3 +352,74 @@ def test_audio_neg_inf_is_legitimate_but_only_in_audio(tmp_path):
     data["train"]["vision"][0, 0, 0] = -np.inf
     with pytest.raises(ValueError, match=r"'train'.*'vision'.*non-finite"):
         load_mmsa(write(tmp_path / "bad.pkl", data))
+
+
+# ---------------------------------------------------------------- other files we read
+
+def _checkpoint(**changes):
+    from robustmm_fast.train.checkpoint import CHECKPOINT_FORMAT, VERSION
+    identity = {"method": "mim", "config": {"lr": 0.01}, "seed": 1, "data": {"name": "x"}}
+    obj = {"format": CHECKPOINT_FORMAT, "version": VERSION, "identity": identity, "epoch": 0,
+           "epochs": 1, "model": {}, "optimizers": {}, "recipe": {}, "rng": [],
+           "world_size": 1, "best": {}, "history": []}
+    for key, value in changes.items():
+        if key.startswith("identity."):
+            identity[key[9:]] = value
+        else:
+            obj[key] = value
+    return obj, dict(identity, seed=1, config={"lr": 0.01}, method="mim", data={"name": "x"})
+
+
+@pytest.mark.parametrize("changes", [
+    {"format": torch.tensor([1, 2])}, {"version": torch.tensor([1, 1])},
+    {"version": True}, {"identity": [1, 2]}, {"identity.seed": torch.tensor([1, 2])},
+    {"identity.config": [1, 2]}, {"identity.data": {1: "a", "b": 2}},
+])
+def test_crafted_checkpoint_values_are_clean_errors(tmp_path, changes):
+    from robustmm_fast.train import load_checkpoint, save_atomic
+    obj, expect = _checkpoint(**changes)
+    save_atomic(tmp_path / "checkpoint.pt", obj)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "checkpoint.pt"))):
+        load_checkpoint(tmp_path / "checkpoint.pt", expect=expect)
+
+
+@pytest.mark.parametrize("key, value", [("method", torch.tensor([1])), ("config", [1]),
+                                        ("data", "x"), ("model", None)])
+def test_crafted_best_values_are_clean_errors(tmp_path, key, value):
+    from robustmm_fast.train import load_best, save_atomic
+    from robustmm_fast.train.checkpoint import MODEL_FORMAT, VERSION
+    obj = {"format": MODEL_FORMAT, "version": VERSION, "method": "mim", "config": {},
+           "seed": 1, "data": {}, "model": {}, "best_epoch": 0, "best_valid": 0.0}
+    save_atomic(tmp_path / "best.pt", dict(obj, **{key: value}))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "best.pt")) + f".*{key}"):
+        load_best(tmp_path / "best.pt")
+    save_atomic(tmp_path / "ok.pt", obj)
+    assert load_best(tmp_path / "ok.pt")["method"] == "mim"
+
+
+def test_checkpoint_pickle_payload_is_refused_by_weights_only(tmp_path):
+    """torch.load(weights_only=True) stays: a checkpoint holding a reducer runs nothing."""
+    from robustmm_fast.train import load_checkpoint
+    marker = tmp_path / "MARKER"
+    obj, _ = _checkpoint(history=[_Reduce(os.system, f"touch {marker}")])
+    torch.save(obj, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "checkpoint.pt"))):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not marker.exists()
+
+
+def test_masks_with_deeply_nested_meta(tmp_path):
+    from robustmm_fast.missing import load_masks
+    path = tmp_path / "m.npz"
+    np.savez(path, a=np.ones((3, 2), dtype=bool), __meta__=np.array("[" * 100_000))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*JSON"):
+        load_masks(path)
+
+
+def test_config_not_utf8_or_nested_too_deeply(tmp_path):
+    from robustmm_fast.config import load_config
+    for name, blob in (("a.toml", b"lr = '\xff'\n"), ("b.json", b"[" * 100_000),
+                       ("c.toml", b"x = " + b"[" * 100_000)):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
+            load_config(str(tmp_path / name))

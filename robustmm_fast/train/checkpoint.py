@@ -125,10 +125,13 @@ def _load(path: Path, fmt: str, keys: tuple[str, ...]) -> dict:
     except Exception as e:  # truncated zip, garbage bytes, a pickle of disallowed objects
         raise ValueError(f"{path}: not a readable {fmt} file ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if not isinstance(obj, dict) or obj.get("format") != fmt:
+    # type checks first: a crafted file's tensor in place of a str/int would make `!=`
+    # elementwise, and `if tensor` ambiguous (RuntimeError)
+    if not isinstance(obj, dict) or not isinstance(obj.get("format"), str) \
+            or obj["format"] != fmt:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a {fmt!r} file, found {found!r}")
-    if obj.get("version") != VERSION:
+    if type(obj.get("version")) is not int or obj["version"] != VERSION:
         raise ValueError(f"{path}: {fmt} version {obj.get('version')!r} is not supported "
                          f"(this robustmm_fast reads version {VERSION})")
     missing = [k for k in keys if k not in obj]
@@ -143,7 +146,15 @@ def load_checkpoint(path, *, expect: Optional[dict] = None) -> dict:
     path = Path(path)
     ckpt = _load(path, CHECKPOINT_FORMAT, _CHECKPOINT_KEYS)
     if expect is not None:
-        diff = _differences(ckpt["identity"], expect)
+        try:  # as JSON data, like `expect`: comparing a crafted file's tensors cannot raise
+            saved = canonical(ckpt["identity"])
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: corrupt {CHECKPOINT_FORMAT} file, its identity is not "
+                             f"plain data ({type(e).__name__}: {e})") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("config") or {}, dict):
+            raise ValueError(f"{path}: corrupt {CHECKPOINT_FORMAT} file, its identity must be "
+                             "a dict with a 'config' dict")
+        diff = _differences(saved, expect)
         if diff:
             raise ValueError(f"{path} belongs to another run, refusing to resume or overwrite it "
                              f"(use another out_dir, or delete it): " + "; ".join(diff))
@@ -152,7 +163,12 @@ def load_checkpoint(path, *, expect: Optional[dict] = None) -> dict:
 
 def load_best(path) -> dict:
     """Read and validate a ``best.pt`` (the selected model of a finished fit)."""
-    return _load(Path(path), MODEL_FORMAT, _MODEL_KEYS)
+    best = _load(Path(path), MODEL_FORMAT, _MODEL_KEYS)
+    for key, kind in (("method", str), ("config", dict), ("data", dict), ("model", dict)):
+        if not isinstance(best[key], kind):  # load_trained reads them as these types
+            raise ValueError(f"{path}: corrupt {MODEL_FORMAT} file, {key!r} must be a "
+                             f"{kind.__name__}, got {type(best[key]).__name__}")
+    return best
 
 
 def load_trained(path, dataset, *, method):
@@ -164,7 +180,12 @@ def load_trained(path, dataset, *, method):
     """
     path = Path(path)
     best = load_best(path)
-    saved, here = best["data"], canonical(data_facts(dataset))
+    here = canonical(data_facts(dataset))
+    try:  # as JSON data, like `here`: comparing a crafted file's tensors cannot raise
+        saved = canonical(best["data"])
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: corrupt {MODEL_FORMAT} file, its 'data' is not plain data "
+                         f"({type(e).__name__}: {e})") from None
     for key in ("task", "modalities", "num_classes"):
         if saved.get(key) != here[key]:
             raise ValueError(f"{path}: the model was trained on {key} {saved.get(key)!r}, but "

@@ -423,3 +423,24 @@ def test_config_not_utf8_or_nested_too_deeply(tmp_path):
         (tmp_path / name).write_bytes(blob)
         with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
             load_config(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("rel", ["train_labels.npy", "audio/test_data.npy"])
+@pytest.mark.parametrize("dtype", ["m8[s]", "complex64", "<U2"])
+def test_avmnist_arrays_must_be_real_numbers(tmp_path, rel, dtype):
+    """A timedelta64 .npy counts as np.number (np.round then raised a bare TypeError); complex
+    lost its imaginary part silently."""
+    from robustmm_fast.data import load_avmnist
+    rng = np.random.default_rng(0)
+    arrays = {"image/train_data.npy": rng.integers(0, 256, (3, 784)),
+              "image/test_data.npy": rng.integers(0, 256, (2, 784)),
+              "audio/train_data.npy": rng.integers(0, 256, (3, 4, 5)),
+              "audio/test_data.npy": rng.integers(0, 256, (2, 4, 5)),
+              "train_labels.npy": np.arange(3), "test_labels.npy": np.arange(2)}
+    for name, a in arrays.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        np.save(tmp_path / name, a)
+    assert load_avmnist(tmp_path).num_samples == 5
+    np.save(tmp_path / rel, arrays[rel].astype(dtype))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / rel)) + ".*real numeric"):
+        load_avmnist(tmp_path)

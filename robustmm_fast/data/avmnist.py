@@ -49,8 +49,11 @@ def _load(path: Path) -> np.ndarray:
         x = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
         _fail(path, f"not a readable .npy array ({type(exc).__name__}: {exc})")
-    if not isinstance(x, np.ndarray) or not (np.issubdtype(x.dtype, np.number)):
-        _fail(path, f"must hold a numeric array, got dtype {getattr(x, 'dtype', type(x))}")
+    # bools, integers, reals: timedelta64 counts as np.number (and breaks np.round), complex
+    # would lose its imaginary part silently
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "biuf":
+        _fail(path, f"must hold a real numeric array, got dtype "
+                    f"{getattr(x, 'dtype', type(x))}")
     return x
 
 

@@ -67,6 +67,8 @@ def parse_overrides(items: Optional[Iterable[str]]) -> dict:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
+        except RecursionError:
+            raise ValueError(f"--set {key.strip()}: the value is nested too deeply") from None
     return out
 
 

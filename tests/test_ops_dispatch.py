@@ -245,8 +245,12 @@ def test_layers_under_bf16_autocast(layer_idx):
                        lowp_ref=lowp.to(torch.bfloat16), factor=2.0)
     for n, g in grads.items():
         assert g.dtype == torch.float32 and torch.isfinite(g).all(), f"{name}.{n}"
+        # fp32 gradients rounded to bf16 for the comparison: half an ulp of floor (a MulTFusion
+        # layer-norm gradient, 2026-12-03: ours 9.8e-4 = 1 ulp vs the reference's 4.2e-4 at
+        # |g| 0.19, the median ratio over its 126 gradients 1.0)
         assert_close_dtype(g.to(torch.bfloat16), truth_grads[n], f"{name}.{n} grad",
-                           lowp_ref=lowp_grads[n].to(torch.bfloat16), factor=2.0)
+                           lowp_ref=lowp_grads[n].to(torch.bfloat16), factor=2.0,
+                           half_ulp_floor=True)
 
 
 def _copy(module, dtype):

@@ -127,6 +127,11 @@ def _seeds(text: str) -> list[int]:
         seeds = []
     if not seeds:
         raise argparse.ArgumentTypeError(f"expected seeds like 1111,1112 or 1111-1115, got {text!r}")
+    bad = [s for s in seeds if not 0 <= s < 2 ** 32]  # numpy's and torch's seed range
+    if bad:
+        raise argparse.ArgumentTypeError(f"seeds must be integers in [0, 2**32), got {bad[0]}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is given twice in {text!r}")
     return seeds
 
 
@@ -268,7 +273,9 @@ def main(argv=None) -> int:
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the Python traceback for errors in the arguments too")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named with the command they were given to, on one line
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from .usage import UsageError
     try:
         return _command(args)

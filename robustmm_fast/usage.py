@@ -56,6 +56,9 @@ def check_out(path: str, flag: str = "--out") -> Path:
 
 def check_methods(names: Sequence[str], flag: str) -> list[str]:
     from .models.registry import METHODS
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise UsageError(f"{flag}: {', '.join(twice)} given more than once")
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise UsageError(f"{flag}: unknown method(s) {', '.join(map(repr, unknown))}; known: "
@@ -97,7 +100,8 @@ def check_checkpoint(path: str) -> dict:
     """The saved best-model record of `robustmm eval`'s checkpoint argument."""
     from .train import load_best
     if not Path(path).is_file():
-        raise UsageError(f"checkpoint {path}: no such file (a best.pt written by robustmm "
+        what = "a directory" if Path(path).is_dir() else "no such file"
+        raise UsageError(f"checkpoint {path}: {what} (expected a best.pt written by robustmm "
                          "train/run)")
     try:
         return load_best(path)

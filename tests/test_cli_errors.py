@@ -57,6 +57,17 @@ BAD = [
     ("bench reparam_kl --shape 2xq", "--shape"),
     ("bench reparam_kl --output {d}", "--output"),
     ("bench nope", "nope"),
+    ("run --seeds 99999999999", "--seeds"),
+    ("run --seeds 1111,1111", "--seeds"),
+    ("run --methods cyin cyin", "--methods"),
+    ("run --set lr=-1 --methods late_fusion", "lr"),
+    ("run --set lr=NaN --methods late_fusion", "lr"),
+    ("run --set weight_decay=-1 --methods mim", "weight_decay"),
+    ("run --protocol complete+", "--protocol"),
+    ("run --config {d}", "config file"),
+    ("run --data avmnist:{d}/a_file", "a_file"),
+    ("train --method cyin --quick", "robustmm train: error: unrecognized arguments: --quick"),
+    ("eval {d}", "checkpoint"),
 ]
 if not torch.cuda.is_available():
     BAD += [("run --device cuda", "--device"), ("eval {d}/foreign.pt --device cuda", "--device"),

@@ -163,3 +163,13 @@ def test_bad_data_spec(capsys):
     assert "--data must be" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--data must be"):  # the library API raises
         load_data("imagenet", 1111)
+
+
+def test_the_picture_comes_with_a_plain_install():
+    """matplotlib is a dependency, not an extra: the README's first command (pip install -e .
+    then robustmm run) writes robustness.png."""
+    from pathlib import Path
+
+    from robustmm_fast.config import tomllib  # tomli on Python 3.10
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(d.replace(" ", "").startswith("matplotlib>=") for d in project["dependencies"])

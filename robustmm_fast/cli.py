@@ -184,12 +184,12 @@ def _harness(args) -> int:
     check_out(args.out)
     run(methods, data=args.data, seeds=seeds, protocol=args.protocol, out=args.out,
         quick=quick, overrides=overrides, config_file=config_file,
-        device=str(device), progress=not args.no_progress)
+        device=str(device), progress=not args.no_progress, first_dataset=dataset)
     return 0
 
 
 def _eval(args) -> int:
-    from .run import parse_protocol, protocol_masks, score
+    from .run import protocol_masks, score
     from .models.registry import METHODS, get_method
     from .train import load_trained
     from .usage import UsageError, check_checkpoint, check_data, check_device, check_protocol

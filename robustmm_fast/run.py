@@ -165,8 +165,10 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
         out: str | Path = "robustmm-results", quick: bool = False,
         overrides: Optional[dict] = None, config_file: Optional[dict] = None,
         device: str = "cpu", progress: bool = True,
-        log: Callable[[str], None] = print) -> RunResult:
-    """Train and score every method; write out/results.json, results.csv, robustness.png."""
+        log: Callable[[str], None] = print, first_dataset=None) -> RunResult:
+    """Train and score every method; write out/results.json, results.csv, robustness.png.
+    first_dataset: load_data(data, seeds[0]) when the caller has loaded it already (the CLI
+    does, to check --data before anything else), so it is not read twice; None loads it."""
     from .metrics import primary_metric
     from .missing import save_masks
     from .models.registry import METHODS
@@ -177,7 +179,8 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
     if ("complete", None) not in points:
         points.insert(0, ("complete", None))  # every table starts from the complete test set
     etas = [v for k, v in points if k == "eta" and v > 0]
-    first = load_data(data, seeds[0])  # a bad spec, file or config fails here, before training
+    # a bad spec, file or config fails here, before training
+    first = load_data(data, seeds[0]) if first_dataset is None else first_dataset
     configs = method_configs(methods, first.name, overrides=overrides, config_file=config_file,
                              quick=quick)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ import robustmm_fast
 from robustmm_fast import _backend
 from robustmm_fast.ops import cycle_reconstruction_loss, masked_cross_attention, reparameterize_kl
 from conftest import assert_close_dtype, run_on
-from test_ops_dispatch import _attn_inputs, _bf16_rule, _cycle_inputs, _reparam_inputs
+from test_ops_dispatch import (_assert_bf16_results, _attn_inputs, _bf16_rule, _cycle_inputs,
+                               _reparam_inputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -103,14 +104,9 @@ def test_bf16_autocast_with_fp32_inputs(op, backend):
     require(backend, op)
     fn, leaves = op_call(op, DEV)
     before = _backend.backend_calls[(op, backend)]
-    (out, grads), (lowp, lowp_grads), (truth, truth_grads) = _bf16_rule(fn, leaves, backend, "cuda")
+    results = _bf16_rule(fn, leaves, backend, "cuda")
     assert _backend.backend_calls[(op, backend)] > before, f"{op} never ran on {backend!r}"
-    assert out.dtype == torch.bfloat16, f"{op}: autocast output {out.dtype}"
-    assert_close_dtype(out, truth, f"{op} value", lowp_ref=lowp, factor=2.0)
-    for i, (g, gl, gt) in enumerate(zip(grads, lowp_grads, truth_grads)):
-        assert g.dtype == torch.float32, f"{op} grad {i}: {g.dtype} (the leaf is float32)"
-        assert_close_dtype(g.to(torch.bfloat16), gt, f"{op} grad {i}",
-                           lowp_ref=gl.to(torch.bfloat16), factor=2.0)
+    _assert_bf16_results(op, results)
 
 
 # ---------------------------------------------------------------- a non-current device

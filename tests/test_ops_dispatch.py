@@ -156,8 +156,14 @@ def test_ops_under_bf16_autocast_with_fp32_inputs(backend, op_idx):
     if backend == "cpp":
         require_cpp()
     op, fn, leaves = _op_calls(torch.float32)[op_idx]
-    (out, grads), (lowp, lowp_grads), (truth, truth_grads) = _bf16_rule(fn, leaves, backend)
+    results = _bf16_rule(fn, leaves, backend)
     assert _backend.last_backend(op) is not None
+    _assert_bf16_results(op, results)
+
+
+def _assert_bf16_results(op, results):
+    """_bf16_rule's three runs: a bf16 output and float32 grads, each within the 2x rule."""
+    (out, grads), (lowp, lowp_grads), (truth, truth_grads) = results
     assert out.dtype == torch.bfloat16, f"{op}: autocast output {out.dtype}"
     assert_close_dtype(out, truth, f"{op} value", lowp_ref=lowp, factor=2.0)
     for i, (g, gl, gt) in enumerate(zip(grads, lowp_grads, truth_grads)):

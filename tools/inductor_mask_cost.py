@@ -11,22 +11,14 @@ they are made of, beside eager, one thread, (64, 128) fp32 (a Handwritten batch 
                   bernoulli_) as well
 Reports the median of 2000 calls in microseconds.
 """
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from robustmm_fast.bench.runner import time_fn
+
 
 def median_us(fn, calls=2000):
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return time_fn(fn, torch.device("cpu"), warmup=20, repeat=calls) * 1e3
 
 
 def dropout_step(x):

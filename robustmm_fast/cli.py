@@ -135,6 +135,19 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _positive(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {value}")
+        return value
+    parse.__name__ = flag.lstrip("-")
+    return parse
+
+
 def _harness_args(p, *, default_protocol: str, default_out: str) -> None:
     from .run import DEFAULT_SEEDS
     p.add_argument("--data", default="handwritten",
@@ -158,6 +171,13 @@ def _harness_args(p, *, default_protocol: str, default_out: str) -> None:
                    help="override one hyperparameter (repeatable), e.g. --set lr=1e-3")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=_positive("--jobs"), default=None,
+                   help="(method, seed) cells trained at once, each in its own process (default: "
+                        "one per usable CPU core, 1 on a GPU); the table depends only on "
+                        "--threads, not on --jobs")
+    p.add_argument("--threads", type=_positive("--threads"), default=None,
+                   help="intra-op threads per cell (default: cores // jobs, at least 1; with "
+                        "--jobs 1, torch's default)")
 
 
 def _harness(args) -> int:
@@ -184,7 +204,9 @@ def _harness(args) -> int:
     check_out(args.out)
     run(methods, data=args.data, seeds=seeds, protocol=args.protocol, out=args.out,
         quick=quick, overrides=overrides, config_file=config_file,
-        device=str(device), progress=not args.no_progress, first_dataset=dataset)
+        device=str(device), progress=not args.no_progress, first_dataset=dataset,
+        jobs=args.jobs, threads=args.threads,
+        torchrun="cells" if args.command == "run" else "ddp")
     return 0
 
 

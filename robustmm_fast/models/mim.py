@@ -138,7 +138,8 @@ from torch import Tensor, nn
 from ..nn.cross_modal_transformer import _Block as _MulTBlock
 from ..nn.cross_modal_transformer import sinusoid_positions
 from ..nn.traceable_lstm import TraceableLSTM
-from ..contract import ModelOutput, Recipe, TrainConfig, check_finite, task_loss, zero_absent
+from ..contract import (ModelOutput, Recipe, TrainConfig, adamw, check_finite, logged_terms,
+                        task_loss, zero_absent)
 from .base import MultimodalModel
 from .encoders import _Block, _zero_padding
 from .late_fusion import masked_task_loss
@@ -157,7 +158,6 @@ OUR_QUIRKS = {"stochastic_test": False, "inter_weighting": "student", "gates_fro
 OFFICIAL_KD_TEMPERATURE = 10.0     # train.py:47-48 loss_kd: temp = 10 * alpha_teacher
 NOISE_EPS = 1e-6                   # u ~ U(1e-6, 1 - 1e-6), model.py:147
 FFN_MULT = 4                       # MulT's FFN width 4 d (transformer.py:129-130)
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def hard_concrete(logits: Tensor, valid: Tensor, *, sample: bool, u: Optional[Tensor] = None,
@@ -667,13 +667,8 @@ class MIMRecipe(Recipe):
             main = list(net.parameters())            # official: Adam(model.parameters())
         else:
             main = [p for p in net.parameters() if id(p) not in ids]
-        return {"main": self._adamw(main, self.lr), "gate": self._adamw(gate, self.gate_lr)}
-
-    def _adamw(self, params: list, lr: float) -> torch.optim.Optimizer:
-        fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES
-                                     for p in params)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay,
-                                 fused=fused or None)
+        return {"main": adamw(main, self.lr, self.weight_decay),
+                "gate": adamw(gate, self.gate_lr, self.weight_decay)}
 
     def stage(self, epoch: int) -> str:
         if epoch < 0:
@@ -716,5 +711,4 @@ class MIMRecipe(Recipe):
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params["gate"], self.grad_clip)
         optimizers["gate"].step()
-        return {"loss": float(out.loss.detach()),
-                **{k: float(v.detach()) for k, v in out.losses.items()}}
+        return logged_terms(out)

@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..contract import Recipe
+from ..contract import Recipe, adamw
 from .late_fusion import LateFusion, LateFusionConfig
 
 __all__ = ["UMEMMA", "UMEMMAConfig", "UMEMMARecipe", "STAGES"]
@@ -86,9 +86,8 @@ class UMEMMARecipe(Recipe):
 
     def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         params = list(model.parameters())
-        return {"unimodal": torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay),
-                "finetune": torch.optim.AdamW(params, lr=self.finetune_lr,
-                                              weight_decay=self.weight_decay)}
+        return {"unimodal": adamw(params, self.lr, self.weight_decay),
+                "finetune": adamw(params, self.finetune_lr, self.weight_decay)}
 
     def stage(self, epoch: int) -> str:
         if epoch < 0:

@@ -3,8 +3,8 @@ selection on the validation split, atomic resumable checkpoints, DDP under torch
 scoring (evaluate / predict)."""
 from ..contract import ENGINE_KEYS, NonFiniteLossError, Recipe, check_finite
 from .checkpoint import load_best, load_checkpoint, load_trained, save_atomic
-from .evaluate import evaluate, predict
+from .evaluate import evaluate, evaluate_masks, predict
 from .engine import FitResult, fit
 
 __all__ = ["Recipe", "NonFiniteLossError", "check_finite", "fit", "FitResult", "ENGINE_KEYS",
-           "evaluate", "predict", "save_atomic", "load_checkpoint", "load_best", "load_trained"]
+           "evaluate", "evaluate_masks", "predict", "save_atomic", "load_checkpoint", "load_best", "load_trained"]

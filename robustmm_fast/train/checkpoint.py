@@ -20,12 +20,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "MODEL_FORMAT", "VERSION", "save_atomic", "load_checkpoint",
+__all__ = ["CHECKPOINT_FORMAT", "MODEL_FORMAT", "VERSION", "save_atomic", "write_text_atomic",
+           "BackgroundSaver",
+           "load_checkpoint",
            "load_best", "load_trained", "data_facts", "run_identity", "canonical"]
 
 CHECKPOINT_FORMAT = "robustmm_fast.checkpoint"
@@ -41,6 +44,7 @@ _MODEL_KEYS = ("method", "config", "seed", "data", "model", "best_epoch", "best_
 
 def save_atomic(path, obj: Any) -> None:
     """torch.save `obj` to `path` so that `path` is either the old file or the complete new one.
+    (write_text_atomic: the same for a text file.)
 
     The bytes go to a temporary file in the same directory (same filesystem, so the rename is
     atomic), which is flushed and fsync'ed, then ``os.replace``'d over `path`; the directory is
@@ -48,12 +52,20 @@ def save_atomic(path, obj: Any) -> None:
     while writing removes the temporary file and leaves `path` untouched; a SIGKILL can leave
     a stray ``.<name>.*.tmp`` beside it, never a truncated `path`.
     """
-    path = Path(path)
+    _write_atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically and durably, as save_atomic."""
+    _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,6 +76,37 @@ def save_atomic(path, obj: Any) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+class BackgroundSaver:
+    """save_atomic in a background thread, one write in flight, so training goes on while a
+    checkpoint is serialised and fsync'ed. submit() first waits for the previous write; wait()
+    waits for the last one. A failed write is raised by the next submit() or wait(). `obj`
+    must be a snapshot: the caller hands over tensors nothing modifies afterwards."""
+
+    def __init__(self):
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, path, obj: Any) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(path, obj),
+                                        name=f"save {Path(path).name}")
+        self._thread.start()
+
+    def _write(self, path, obj) -> None:
+        try:
+            save_atomic(path, obj)
+        except BaseException as e:  # re-raised in the training thread
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _fsync_dir(directory: Path) -> None:

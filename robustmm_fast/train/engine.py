@@ -18,7 +18,8 @@ Per epoch e (0-based), with stage = recipe.stage(e):
      "select_on": "complete", or "random:<rate>" / "instance:<prob>" masks seeded by `seed`);
      if recipe.selects(e) and the primary metric (metrics.primary_metric) improved strictly,
      or stayed equal with a lower validation loss, the weights are kept as the best;
-  6. out_dir/checkpoint.pt written atomically (rank 0).
+  6. out_dir/checkpoint.pt written atomically (rank 0), by a background thread while the next
+     epoch trains (one write in flight; fit returns after the last one is on disk).
 The test split is never read. Under torchrun, a rank that raises (a non-finite loss included)
 ends the run: torchrun stops the other ranks, which would otherwise wait in an all-reduce. Dropout and other forward randomness use torch's global RNG,
 whose state (CPU and CUDA, per rank) is checkpointed and restored, so a resumed run equals an
@@ -26,6 +27,7 @@ uninterrupted one bit for bit (same torch build, device and thread count).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -38,8 +40,8 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, VERSION, canonical, data_facts,
-                         load_checkpoint, run_identity, save_atomic)
+from .checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, VERSION, BackgroundSaver, canonical,
+                         data_facts, load_checkpoint, run_identity, save_atomic)
 from .evaluate import evaluate
 from ..contract import ENGINE_KEYS, Recipe
 
@@ -182,7 +184,7 @@ def _mean_terms(sums: dict, counts: dict, ctx) -> dict:
 def fit(method: Union[str, Any, None], dataset, *, config: Optional[dict] = None,
         seed: int = 1111, out_dir=None, device="cpu", progress: bool = True,
         resume: bool = True, model: Union[nn.Module, Callable, None] = None,
-        recipe: Optional[Recipe] = None) -> FitResult:
+        recipe: Optional[Recipe] = None, distributed: bool = True) -> FitResult:
     """Train `method` on `dataset` and select the best epoch on the validation split.
 
     Args:
@@ -201,8 +203,11 @@ def fit(method: Union[str, Any, None], dataset, *, config: Optional[dict] = None
             resume=False starts afresh and overwrites it (with a warning).
         model, recipe: train this model (an nn.Module, or a callable (dataset, config) ->
             module, called after the seed is set) with this recipe instead of a method.
+        distributed: False trains in this process alone even under torchrun (the grid of
+            `robustmm run` spreads whole fits over the ranks instead of sharding batches).
     """
-    ctx = dist_utils.setup(device)
+    ctx = dist_utils.setup(device) if distributed else dist_utils.DistContext(
+        device=torch.device(device))
     device = ctx.device
     _check_data(dataset)
     name, build, recipe, _, run_config = _resolve(method, dataset, config, model, recipe)
@@ -247,6 +252,7 @@ def fit(method: Union[str, Any, None], dataset, *, config: Optional[dict] = None
     from tqdm.auto import tqdm
     bar = tqdm(total=epochs, initial=start, desc=f"{name} seed {seed}", unit="epoch",
                disable=not progress or not ctx.is_main, dynamic_ncols=True)
+    saver = BackgroundSaver()  # checkpoint.pt written while the next epoch trains
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
@@ -265,19 +271,27 @@ def fit(method: Union[str, Any, None], dataset, *, config: Optional[dict] = None
             history.append({"epoch": epoch, "stage": stage, "train": train, "valid": valid,
                             "selected": selected, "time": time.perf_counter() - t0})
             rngs = dist_utils.all_gather_object(_rng_state(device), ctx)
-            if ctx.is_main and ckpt_path is not None:
-                save_atomic(ckpt_path, {
+            if ctx.is_main and ckpt_path is not None:  # a snapshot: the next steps go on
+                saver.submit(ckpt_path, {
                     "format": CHECKPOINT_FORMAT, "version": VERSION, "identity": identity,
                     "epoch": epoch, "epochs": epochs, "model": _cpu_state(net),
-                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                    "recipe": recipe.state_dict(), "rng": rngs, "world_size": ctx.world_size,
-                    "best": best, "history": history, "torch": str(torch.__version__)})
+                    "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in optimizers.items()},
+                    "recipe": copy.deepcopy(recipe.state_dict()), "rng": rngs,
+                    "world_size": ctx.world_size, "best": dict(best) if best else None, "history": list(history),
+                    "torch": str(torch.__version__)})
             bar.update(1)
             bar.set_postfix({"stage": stage, "loss": f"{train.get('loss', float('nan')):.4f}",
                              key: f"{valid[key]:.4f}", "best": f"{best['valid'][key]:.4f}"
                              if best else "-"})
+    except BaseException:
+        try:  # the last checkpoint completes; the training error is the one raised
+            saver.wait()
+        except Exception:
+            pass
+        raise
     finally:
         bar.close()
+    saver.wait()
 
     net.load_state_dict(best["state"])
     net.eval()
@@ -314,8 +328,7 @@ def _train_epoch(model, recipe: Recipe, optimizers: dict, dataset, ctx, shard_we
     model.train()
     order = _generator(seed, "order", epoch)
     augment = _generator(seed, "augment", epoch)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    steps: list[tuple[dict, int]] = []  # (logged terms, rows) per step
     for step, batch in enumerate(dataset.batches("train", recipe.batch_size, shuffle=True,
                                                  generator=order)):
         present = recipe.augment(batch.present, epoch=epoch, stage=stage, generator=augment)
@@ -328,7 +341,27 @@ def _train_epoch(model, recipe: Recipe, optimizers: dict, dataset, ctx, shard_we
             shard_weight.factor = factor
         logged = recipe.train_step(model, local.to(ctx.device), optimizers, epoch=epoch,
                                    step=step, stage=stage)
+        steps.append((logged, n))
+    return _mean_terms(*_epoch_sums(steps), ctx)
+
+
+def _epoch_sums(steps: list[tuple[dict, int]]) -> tuple[dict, dict]:
+    """Per logged term: the sum over steps of value * rows, and the rows. Recipes return the
+    terms as detached 0-d tensors (a float() per term and step would wait for a GPU at every
+    step); they are stacked and copied to the host once, here, at the end of the epoch.
+    Python floats are accepted too. float32 -> float64 is exact, so the means are those a
+    float() per step would give."""
+    tensors = [v for logged, _ in steps for v in logged.values() if isinstance(v, torch.Tensor)]
+    host = iter(())
+    if tensors:
+        where = tensors[0].device
+        host = iter(torch.stack([t.detach().reshape(()).to(where, torch.float64)
+                                 for t in tensors]).cpu().tolist())
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for logged, n in steps:
         for k, v in logged.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
+            value = next(host) if isinstance(v, torch.Tensor) else float(v)
+            sums[k] = sums.get(k, 0.0) + value * n
             counts[k] = counts.get(k, 0) + n
-    return _mean_terms(sums, counts, ctx)
+    return sums, counts

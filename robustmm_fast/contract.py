@@ -274,7 +274,8 @@ class Recipe:
     # ---------------------------------------------------------------- one step
     def train_step(self, model: nn.Module, batch, optimizers: dict, *, epoch: int, step: int,
                    stage: str) -> dict[str, float]:
-        """Forward, loss check, backward, optimizer step; returns the logged terms."""
+        """Forward, loss check, backward, optimizer step; returns the logged terms (detached
+        0-d tensors, logged_terms; Python floats are accepted from custom recipes)."""
         out = model(batch.inputs, batch.present, labels=batch.labels, padding=batch.padding)
         return self.optimize(model, out, optimizers, epoch=epoch, step=step)
 

@@ -559,7 +559,8 @@ def test_fused_and_reference_backends_agree_on_a_training_step(name):
         calls = _backend.backend_calls[("masked_attention", backend)]
         with robustmm_fast.use_backend(backend):
             torch.manual_seed(5)
-            logged = recipe.train_step(model, b, opts, epoch=0, step=0, stage="main")
+            logged = {k: float(v) for k, v in recipe.train_step(  # 0-d tensors -> floats
+                model, b, opts, epoch=0, step=0, stage="main").items()}
         assert robustmm_fast.last_backend("masked_attention") == backend
         assert _backend.backend_calls[("masked_attention", backend)] > calls
         results[backend] = (logged, dict(model.named_parameters()))

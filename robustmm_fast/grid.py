@@ -275,12 +275,18 @@ def run_grid(spec: GridSpec, methods: Sequence[str], seeds: Sequence[int], *,
     if world > 1:
         return _run_grid_torchrun(spec, cells, methods, seeds, jobs, threads, datasets or {},
                                   log, progress)
-    finished = {c: r for c in cells if (r := read_finished(spec, c)) is not None}
-    if finished:
-        log(f"{len(finished)} of {len(cells)} cells already finished in {spec.out}: not rerun")
+    finished = _finished(spec, cells, log)
     todo = [c for c in cells if c not in finished]
     finished.update(_run_cells(spec, todo, jobs, threads, datasets or {}, log, progress))
     return _as_grid(finished, methods, seeds)
+
+
+def _finished(spec: GridSpec, cells: Sequence[Cell], log: Callable[[str], None]) -> dict:
+    """{cell: record} of the cells already finished in spec.out."""
+    finished = {c: r for c in cells if (r := read_finished(spec, c)) is not None}
+    if finished:
+        log(f"{len(finished)} of {len(cells)} cells already finished in {spec.out}: not rerun")
+    return finished
 
 
 def _as_grid(records: dict, methods, seeds) -> dict:
@@ -299,16 +305,12 @@ def _run_grid_torchrun(spec, cells, methods, seeds, jobs, threads, datasets, log
     if torch.device(spec.device).type == "cuda":
         local = dist_utils._env_int("LOCAL_RANK", 0)
         spec = replace(spec, device=f"cuda:{local}")
-    box: list = [None]
-    if rank == 0:  # one rank decides, before any rank writes a cell
-        finished = {c: r for c in cells if (r := read_finished(spec, c)) is not None}
-        box = [finished]
+    # one rank decides, before any rank writes a cell
+    box = [_finished(spec, cells, log) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     finished = box[0]
     todo = [c for c in cells if c not in finished]
     mine = _deal(todo, world)[rank]
-    if rank == 0 and finished:
-        log(f"{len(finished)} of {len(cells)} cells already finished in {spec.out}: not rerun")
     quiet = log if rank == 0 else (lambda line: print(f"[rank {rank}] {line}", flush=True))
     records = _run_cells(spec, mine, jobs, threads, datasets, quiet, progress)
     gathered: list = [None] * world

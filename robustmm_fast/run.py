@@ -229,22 +229,23 @@ def run(methods: Optional[Sequence[str]] = None, *, data: str = "handwritten",
 
 def _run_ddp(spec, methods, seeds, datasets, log, progress) -> dict:
     """Every cell on all ranks together (fit's DDP), one after another; robustmm train."""
+    from .grid import Cell, _cell_line
     from .models.registry import METHODS
     from .train import fit
     grid: dict = {}
     start = time.perf_counter()
-    for seed in seeds:
-        for method in methods:
-            t0 = time.perf_counter()
-            fitted = fit(METHODS[method], datasets[seed], config=spec.configs[method], seed=seed,
-                         out_dir=spec.out / method / f"seed-{seed}", device=spec.device,
-                         progress=progress)
-            scores = json.loads(json.dumps(score(fitted.model, datasets[seed], spec.masks[seed],
-                                                 device=spec.device)))
-            grid.setdefault(method, {})[seed] = scores
-            log(f"[{time.perf_counter() - start:6.0f}s] {method:<12} seed {seed}: {spec.metric} "
-                f"complete {scores['complete'][spec.metric]:.4f} (best epoch "
-                f"{fitted.best_epoch}, {time.perf_counter() - t0:.0f}s)")
+    for k, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
+        t0 = time.perf_counter()
+        fitted = fit(METHODS[method], datasets[seed], config=spec.configs[method], seed=seed,
+                     out_dir=spec.out / method / f"seed-{seed}", device=spec.device,
+                     progress=progress)
+        scores = json.loads(json.dumps(score(fitted.model, datasets[seed], spec.masks[seed],
+                                             device=spec.device)))
+        grid.setdefault(method, {})[seed] = scores
+        record = {"scores": scores, "best_epoch": fitted.best_epoch,
+                  "seconds": time.perf_counter() - t0}
+        log(_cell_line(Cell(method, seed), record, spec.metric, time.perf_counter() - start,
+                       k + 1, len(seeds) * len(methods)))
     return grid
 
 

@@ -250,3 +250,47 @@ def test_effective_robustness_multibench():
     assert effective_robustness([0.8, 0.7, 0.5], [0.9, 0.8, 0.6]) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="same levels"):
         effective_robustness([0.9, 0.8], [0.9, 0.8, 0.7])
+
+
+# ---------------------------------------------------------------- our counts == scikit-learn, bit for bit
+
+def _label_cases():
+    """(true, pred) pairs: random many-class, a class only predicted, a class only true, one
+    class, two samples, bools (MMSA's binary metrics), labels that are not 0..C-1."""
+    rng = np.random.default_rng(0)
+    for n, c in ((1, 2), (2, 2), (7, 3), (160, 10), (400, 10), (2000, 7), (333, 40)):
+        for _ in range(3):
+            true = rng.integers(0, c, n)
+            pred = np.where(rng.random(n) < 0.7, true, rng.integers(0, c + 2, n))
+            yield true, pred
+    yield np.zeros(5, dtype=np.int64), np.zeros(5, dtype=np.int64)
+    yield np.zeros(5, dtype=np.int64), np.array([0, 1, 2, 3, 4])
+    yield np.array([3, 3, 9, 9, 100]), np.array([9, 3, 9, 100, -1])
+    b = rng.random(301) > 0.4
+    yield b, rng.random(301) > 0.5
+    yield np.ones(4, dtype=bool), np.array([True, False, True, True])
+
+
+@pytest.mark.parametrize("case", list(_label_cases()), ids=lambda c: f"n{len(c[0])}")
+def test_counts_equal_sklearn_bit_for_bit(case):
+    from sklearn.metrics import recall_score
+
+    from robustmm_fast.metrics import accuracy, f1, recall_macro
+    true, pred = case
+    assert accuracy(true, pred) == accuracy_score(true, pred)
+    assert accuracy(pred, true) == accuracy_score(pred, true)
+    for average in ("macro", "weighted"):
+        assert f1(true, pred, average) == f1_score(true, pred, average=average, zero_division=0)
+    labels = np.unique(true)
+    assert recall_macro(true, pred, labels) == recall_score(true, pred, labels=labels,
+                                                           average="macro", zero_division=0)
+    assert recall_macro(true, pred, labels) == balanced_accuracy_score(true, pred)
+
+
+def test_classification_metrics_do_not_import_sklearn():
+    import subprocess
+    import sys
+    code = ("import sys, torch; from robustmm_fast.metrics import classification_metrics as c; "
+            "c(torch.tensor([[0.1, 0.9]]), torch.tensor([1])); "
+            "assert 'sklearn' not in sys.modules, 'sklearn imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

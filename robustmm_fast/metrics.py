@@ -86,7 +86,8 @@ def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def f1(y_true: np.ndarray, y_pred: np.ndarray, average: str) -> float:
     """sklearn.metrics.f1_score(y_true, y_pred, average="macro" | "weighted", zero_division=0):
     per label 2 tp / (2 tp + fn + fp) = 2 tp / (true + predicted), then numpy.nanmean (macro)
-    or numpy.average weighted by the true counts (weighted), as sklearn 1.3+ computes it."""
+    or numpy.average weighted by the true counts (weighted), as scikit-learn 1.9 computes it
+    (older releases went through precision and recall: the same value up to the last bits)."""
     tp, predicted, true = _class_counts(y_true, y_pred)
     score = _divide(2.0 * tp.astype(np.float64), true.astype(np.float64) + predicted)
     if average == "macro":

@@ -14,11 +14,60 @@ import importlib
 import inspect
 import sys
 
-BENCH_OPS = ("reparam_kl", "cycle_loss", "masked_attention", "models")
+BENCH_OPS = ("reparam_kl", "cycle_loss", "masked_attention", "models", "harness")
 BENCH_METHODS = ("cyin", "cyin_joint", "dmrnet", "mim")  # robustmm_fast.bench.models.METHODS (imported lazily)
 
 
+_HARNESS_DEFAULTS = {"baseline": "a533ae7", "data": None, "no_main_job": False,
+                     "max_seconds": 300.0}  # baseline: bench/harness.py DEFAULT_BASELINE
+
+
+def _bench_harness(args) -> int:
+    """robustmm bench harness: the engine's training and scoring throughput and the main job's
+    wall time, beside a baseline revision (robustmm_fast.bench.harness)."""
+    from .bench import harness
+    from .models.registry import METHODS
+    from .usage import UsageError, check_out
+    for option in ("shape", "distance", "mask"):
+        if getattr(args, option):
+            raise UsageError(f"--{option} does not apply to harness")
+    methods = tuple(args.methods or harness.METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UsageError(f"--method: unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    data = tuple(d for part in (args.data or [",".join(harness.DEFAULT_DATA)])
+                 for d in part.split(",") if d)
+    for d in data:
+        kind, _, arg = d.partition(":")
+        if not (d == "handwritten" or kind in ("mosi", "m") and arg.isdigit() and int(arg) >= 1):
+            raise UsageError(f"--data: expected handwritten, mosi:N or m:M, got {d!r}")
+    if args.output:
+        from pathlib import Path
+        if Path(args.output).is_dir():
+            raise UsageError(f"--output {args.output}: is a directory (expected a file name)")
+        check_out(str(Path(args.output).parent), "--output")
+    baseline = None if args.baseline.lower() == "none" else args.baseline
+    try:
+        report = harness.run_harness_bench(baseline=baseline, data=data, methods=methods,
+                                           with_main_job=not args.no_main_job,
+                                           max_seconds=args.max_seconds,
+                                           log=lambda s: print(s, flush=True))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print()
+    print(report)
+    if args.output:
+        from pathlib import Path
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report + "\n")
+        print(f"\nwritten to {out}")
+    return 0
+
+
 def _bench(args) -> int:
+    if args.op == "harness":
+        return _bench_harness(args)
     import torch
 
     from .bench import format_table, run_cases
@@ -39,6 +88,11 @@ def _bench(args) -> int:
         if args.op in ("masked_attention", "models"):
             raise UsageError(f"--shape does not apply to {args.op}")
         kwargs["shapes"] = args.shape
+    if args.methods and set(args.methods) - set(BENCH_METHODS):
+        raise UsageError(f"--method: {args.op} times {list(BENCH_METHODS)}, got {args.methods}")
+    for option in ("baseline", "data", "no_main_job", "max_seconds"):
+        if getattr(args, option) != _HARNESS_DEFAULTS[option]:
+            raise UsageError(f"--{option.replace('_', '-')} applies to harness only")
     for option, name in ((args.distance, "distances"), (args.mask, "masks"),
                          (args.methods, "methods")):
         if option:
@@ -285,8 +339,19 @@ def main(argv=None) -> int:
     bench.add_argument("--mask", action="append", choices=("present", "none"),
                        help="cycle_loss: only these row masks (repeatable)")
     bench.add_argument("--method", action="append", dest="methods",
-                       choices=BENCH_METHODS,
-                       help="models: only these methods (repeatable)")
+                       help=f"models: only these methods, of {', '.join(BENCH_METHODS)}; "
+                            "harness: only these registered methods (repeatable)")
+    bench.add_argument("--baseline", default=_HARNESS_DEFAULTS["baseline"], metavar="REF",
+                       help="harness: the git revision measured beside this engine (default "
+                            "%(default)s, the engine before issue 15; 'none': this engine alone)")
+    bench.add_argument("--data", action="append", default=_HARNESS_DEFAULTS["data"],
+                       help="harness: handwritten, mosi:N, m:M, comma-separated or repeated "
+                            "(default handwritten,mosi:2000,mosi:20000,m:2,m:3,m:6)")
+    bench.add_argument("--no-main-job", action="store_true",
+                       help="harness: skip timing the two engines' `robustmm run`")
+    bench.add_argument("--max-seconds", type=float, default=_HARNESS_DEFAULTS["max_seconds"],
+                       help="harness: skip a training measurement whose FLOP floor alone is "
+                            "longer (default %(default)s)")
     bench.add_argument("--repeat", type=int, default=7, help="timed runs per measurement (median)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--output", metavar="FILE",
@@ -309,6 +374,9 @@ def main(argv=None) -> int:
 
 
 def _command(args) -> int:
+    if args.command in ("run", "train", "eval"):  # before any tensor is allocated
+        from .train.memory import keep_freed_memory
+        keep_freed_memory()
     if args.command in ("run", "train"):
         return _harness(args)
     if args.command == "eval":

@@ -168,7 +168,10 @@ def _worker_dataset(data: str, seed: int):
 
 def _init_worker(threads: int, parent: int) -> None:
     """Threads per worker; and die with the parent: a SIGKILLed run must not leave workers
-    writing checkpoints under the rerun's feet."""
+    writing checkpoints under the rerun's feet. Freed memory is kept for reuse, as in the
+    CLI's own process (train/memory.py)."""
+    from .train.memory import keep_freed_memory
+    keep_freed_memory()
     torch.set_num_threads(threads)
     try:
         import ctypes

@@ -105,8 +105,10 @@ def main_job(engine: Optional[Path], extra: Sequence[str] = ()) -> float:
     env = {**os.environ, "PYTHONPATH": str(engine or _root())}
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
+        # cwd=out: `python -m` puts the working directory first on the path, and it must not
+        # be a checkout of another engine
         subprocess.run([sys.executable, "-m", "robustmm_fast.cli", "run", "--out", out,
-                        "--no-progress", *extra], env=env, check=True,
+                        "--no-progress", *extra], env=env, check=True, cwd=out,
                        stdout=subprocess.DEVNULL)
         return time.perf_counter() - t0
 

@@ -47,11 +47,16 @@ def _bench_harness(args) -> int:
             raise UsageError(f"--output {args.output}: is a directory (expected a file name)")
         check_out(str(Path(args.output).parent), "--output")
     baseline = None if args.baseline.lower() == "none" else args.baseline
+    raw = None
+    if args.output:  # every measurement as it is made, beside the report
+        from pathlib import Path
+        raw = Path(args.output).with_suffix(".jsonl")
+        raw.unlink(missing_ok=True)
     try:
         report = harness.run_harness_bench(baseline=baseline, data=data, methods=methods,
                                            with_main_job=not args.no_main_job,
                                            max_seconds=args.max_seconds,
-                                           log=lambda s: print(s, flush=True))
+                                           log=lambda s: print(s, flush=True), raw=raw)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print()

@@ -37,14 +37,16 @@ def test_report_has_every_table(monkeypatch):
         if task["task"] == "flops":
             return {**task, "train_flops_per_row": 3e6, "score_flops_per_row": 1e6, "epochs": 2,
                     "n_train": 1440, "n_valid": 160, "n_test": 400, "modalities": 6}
-        return {**task, "rows_per_s": 2000.0 if engine is None else 1000.0}
+        rate = 2000.0 if engine is None else 1000.0
+        return {**task, "rows_per_s": rate, "fit_rows_per_s": rate / 2}
     monkeypatch.setattr(harness, "probe", fake_probe)
     monkeypatch.setattr(harness, "baseline_checkout", lambda ref, log=print: "/baseline")
     monkeypatch.setattr(harness, "main_job", lambda engine: 100.0 if engine is None else 300.0)
     report = harness.run_harness_bench(data=("handwritten",), methods=("late_fusion",),
                                        log=lambda s: None)
     assert "| this | 100.0 | 3.00x |" in report
-    assert "| handwritten | late_fusion | 2,000 | 1,000 | 2.00x |" in report
+    assert "| handwritten | late_fusion | 1,000 (2,000) | 500 (1,000) | 2.00x |" in report
+    assert "| handwritten | late_fusion | 2,000 | 1,000 | 2.00x |" in report  # scoring
     assert "The main job's FLOP floor" in report
 
 
@@ -55,7 +57,7 @@ def test_a_measurement_beyond_its_flop_floor_limit_is_skipped(monkeypatch):
         calls.append(task["task"])
         if task["task"] == "flops":
             return {**task, "train_flops_per_row": 1e15, "score_flops_per_row": 1.0}
-        return {**task, "rows_per_s": 1.0}
+        return {**task, "rows_per_s": 1.0, "fit_rows_per_s": 1.0}
     monkeypatch.setattr(harness, "probe", fake_probe)
     report = harness.run_harness_bench(baseline=None, data=("m:2",), methods=("cyin",),
                                        with_main_job=False, log=lambda s: None)

@@ -135,6 +135,16 @@ def gemm_rate(threads: int = 1) -> float:
         torch.set_num_threads(old)
 
 
+# the rate a table reports: training over the whole fit, scoring over all masks
+_KEY = {"train": "fit_rows_per_s", "score": "rows_per_s"}
+
+
+def _append(raw: Optional[Path], record: dict) -> None:
+    if raw is not None:
+        with open(raw, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def _floor_seconds(flops: dict, task: str, data: str, rate: float) -> Optional[float]:
     """The FLOP floor of one probe measurement: its rows (training: one epoch per stage, at
     most two; scoring: 69 masks for 6 modalities, 2^M - 1 + 6 in general) times the FLOPs
@@ -193,19 +203,21 @@ def _ratio(new: Optional[float], old: Optional[float]) -> str:
     return f"{new / old:.2f}x" if new and old else "-"
 
 
-def _rate(r: Optional[dict]) -> str:
+def _rate(r: Optional[dict], key: str = "rows_per_s") -> str:
     if r is None:
         return "-"
-    return "error: " + r["error"] if "error" in r else f"{r['rows_per_s']:,.0f}"
+    return "error: " + r["error"] if "error" in r else f"{r[key]:,.0f}"
 
 
 def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
                       data: Sequence[str] = DEFAULT_DATA, methods: Sequence[str] = METHODS,
                       tasks: Sequence[str] = ("train", "score"), with_main_job: bool = True,
-                      max_seconds: float = 300.0, log: Callable[[str], None] = print) -> str:
+                      max_seconds: float = 300.0, log: Callable[[str], None] = print,
+                      raw: Optional[Path] = None) -> str:
     """Measure everything (see the module docstring) and return the markdown report. A
     measurement whose FLOP floor alone (its FLOPs at the GEMM rate) exceeds `max_seconds`
-    is skipped and reported as such (CyIN at MOSI's official widths: ~14 GFLOP per row)."""
+    is skipped and reported as such (CyIN at MOSI's official widths: ~14 GFLOP per row).
+    raw: a JSON-lines file that gets every measurement as it is made."""
     import torch
     engines: dict[str, Optional[Path]] = {"this": None}
     if baseline:
@@ -216,6 +228,7 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
         for m in methods:
             fl = results[("this", "flops", d, m)] = probe({"task": "flops", "data": d,
                                                             "method": m})
+            _append(raw, {"engine": "this", **fl})
             for task in tasks:
                 floor = _floor_seconds(fl, task, d, rate)
                 for name, engine in engines.items():
@@ -224,11 +237,14 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
                     else:
                         r = probe({"task": task, "data": d, "method": m}, engine)
                     results[(name, task, d, m)] = r
-                    log(f"{name:8s} {task:5s} {d:12s} {m:12s} {_rate(r)} rows/s")
+                    _append(raw, {"engine": name, **r})
+                    extra = (f" (fastest epoch {_rate(r)})" if task == "train" else "")
+                    log(f"{name:8s} {task:5s} {d:12s} {m:12s} {_rate(r, _KEY[task])} rows/s{extra}")
     jobs = {}
     if with_main_job:
         for name, engine in engines.items():
             jobs[name] = main_job(engine)
+            _append(raw, {"engine": name, "task": "main_job", "seconds": jobs[name]})
             log(f"{name:8s} robustmm run: {jobs[name]:.1f} s")
 
     sha = subprocess.run(["git", "-C", str(_root()), "rev-parse", "--short", "HEAD"],
@@ -246,22 +262,25 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
             lines.append(f"| {name} | {jobs[name]:.1f} | "
                          f"{_ratio(jobs.get('baseline'), jobs[name]) if name == 'this' else ''} |")
         lines.append("")
-    for task, title in (("train", "Training throughput (rows/s of the fastest epoch: its steps "
-                                  "and its validation)"),
+    for task, title in (("train", "Training throughput (rows/s over the whole fit: one epoch per "
+                                  "stage, validation and checkpoints included; in brackets the "
+                                  "fastest epoch's steps and validation)"),
                         ("score", "Scoring throughput (rows/s, complete + subsets + eta)")):
         if task not in tasks:
             continue
         lines += [f"## {title}", "", "| data | method | this | baseline | speed-up | "
                   "FLOP floor (rows/s at the GEMM rate) |", "|---|---|---|---|---|---|"]
+        key = _KEY[task]
         for d in data:
             for m in methods:
                 new, old = results.get(("this", task, d, m)), results.get(("baseline", task, d, m))
                 fl = results.get(("this", "flops", d, m)) or {}
                 per_row = fl.get("train_flops_per_row" if task == "train" else "score_flops_per_row")
                 floor = f"{rate / per_row:,.0f}" if per_row else "-"
-                lines.append(f"| {d} | {m} | {_rate(new)} | {_rate(old)} | "
-                             f"{_ratio((new or {}).get('rows_per_s'), (old or {}).get('rows_per_s'))}"
-                             f" | {floor} |")
+                cells = [_rate(r, key) + (f" ({_rate(r)})" if task == "train" and r and "error"
+                                          not in r else "") for r in (new, old)]
+                lines.append(f"| {d} | {m} | {cells[0]} | {cells[1]} | "
+                             f"{_ratio((new or {}).get(key), (old or {}).get(key))} | {floor} |")
         lines.append("")
     if "handwritten" in data:
         lines += _job_floor(results, methods, rate)

@@ -25,12 +25,20 @@ _HARNESS_DEFAULTS = {"baseline": "a533ae7", "data": None, "no_main_job": False,
 def _bench_harness(args) -> int:
     """robustmm bench harness: the engine's training and scoring throughput and the main job's
     wall time, beside a baseline revision (robustmm_fast.bench.harness)."""
+    from pathlib import Path
+
     from .bench import harness
     from .models.registry import METHODS
     from .usage import UsageError, check_out
     for option in ("shape", "distance", "mask"):
         if getattr(args, option):
             raise UsageError(f"--{option} does not apply to harness")
+    for option, default in (("device", "cpu"), ("dtype", "float32"), ("repeat", 7)):
+        if getattr(args, option) != default:  # the harness is the CPU job of `robustmm run`
+            raise UsageError(f"--{option} does not apply to harness (it measures the CPU "
+                             "harness, fp32, one measurement per process)")
+    if not args.max_seconds > 0:
+        raise UsageError(f"--max-seconds: expected a number > 0, got {args.max_seconds}")
     methods = tuple(args.methods or harness.METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -41,17 +49,15 @@ def _bench_harness(args) -> int:
         kind, _, arg = d.partition(":")
         if not (d == "handwritten" or kind in ("mosi", "m") and arg.isdigit() and int(arg) >= 1):
             raise UsageError(f"--data: expected handwritten, mosi:N or m:M, got {d!r}")
+    out = raw = None
     if args.output:
-        from pathlib import Path
-        if Path(args.output).is_dir():
+        out = Path(args.output)
+        if out.is_dir():
             raise UsageError(f"--output {args.output}: is a directory (expected a file name)")
-        check_out(str(Path(args.output).parent), "--output")
-    baseline = None if args.baseline.lower() == "none" else args.baseline
-    raw = None
-    if args.output:  # every measurement as it is made, beside the report
-        from pathlib import Path
-        raw = Path(args.output).with_suffix(".jsonl")
+        check_out(str(out.parent), "--output")
+        raw = out.with_suffix(".jsonl")  # every measurement as it is made, beside the report
         raw.unlink(missing_ok=True)
+    baseline = None if args.baseline.lower() == "none" else args.baseline
     try:
         report = harness.run_harness_bench(baseline=baseline, data=data, methods=methods,
                                            with_main_job=not args.no_main_job,
@@ -61,10 +67,7 @@ def _bench_harness(args) -> int:
         raise UsageError(str(exc)) from None
     print()
     print(report)
-    if args.output:
-        from pathlib import Path
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         out.write_text(report + "\n")
         print(f"\nwritten to {out}")
     return 0

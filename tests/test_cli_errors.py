@@ -65,6 +65,8 @@ BAD = [
     ("bench models --method early_fusion", "--method"),
     ("bench reparam_kl --baseline HEAD", "--baseline"),
     ("bench harness --output {d}", "--output"),
+    ("bench harness --device cuda", "--device"),
+    ("bench harness --max-seconds 0", "--max-seconds"),
     ("run --seeds 99999999999", "--seeds"),
     ("run --seeds 1111,1111", "--seeds"),
     ("run --methods cyin cyin", "--methods"),

@@ -32,7 +32,7 @@ def test_probe_reports_a_failing_task_instead_of_raising():
     assert "no_such_method" in r["error"]
 
 
-def test_report_has_every_table(monkeypatch):
+def test_report_has_every_table_and_is_rebuilt_from_its_raw_file(monkeypatch, tmp_path):
     def fake_probe(task, engine=None, timeout=0):
         if task["task"] == "flops":
             return {**task, "train_flops_per_row": 3e6, "score_flops_per_row": 1e6, "epochs": 2,
@@ -42,8 +42,10 @@ def test_report_has_every_table(monkeypatch):
     monkeypatch.setattr(harness, "probe", fake_probe)
     monkeypatch.setattr(harness, "baseline_checkout", lambda ref, log=print: "/baseline")
     monkeypatch.setattr(harness, "main_job", lambda engine: 100.0 if engine is None else 300.0)
+    raw = tmp_path / "raw.jsonl"
     report = harness.run_harness_bench(data=("handwritten",), methods=("late_fusion",),
-                                       log=lambda s: None)
+                                       log=lambda s: None, raw=raw)
+    assert harness.report_from_raw(raw).split("\n", 1)[1] == report.split("\n", 1)[1]
     assert "| this | 100.0 | 3.00x |" in report
     assert "| handwritten | late_fusion | 1,000 (2,000) | 500 (1,000) | 2.00x |" in report
     assert "| handwritten | late_fusion | 2,000 | 1,000 | 2.00x |" in report  # scoring

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 __all__ = ["DEFAULT_BASELINE", "DEFAULT_DATA", "baseline_checkout", "probe", "main_job",
-           "gemm_rate", "run_harness_bench"]
+           "gemm_rate", "run_harness_bench", "format_report", "report_from_raw"]
 
 PROBE = Path(__file__).with_name("harness_probe.py")
 # the engine `robustmm run` had when issue 15 measured it (335 s quiet on 2 cores)
@@ -218,11 +218,11 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
     measurement whose FLOP floor alone (its FLOPs at the GEMM rate) exceeds `max_seconds`
     is skipped and reported as such (CyIN at MOSI's official widths: ~14 GFLOP per row).
     raw: a JSON-lines file that gets every measurement as it is made."""
-    import torch
     engines: dict[str, Optional[Path]] = {"this": None}
     if baseline:
         engines["baseline"] = baseline_checkout(baseline, log=log)
     rate = gemm_rate(1)
+    _append(raw, {"task": "gemm_rate", "flops_per_s": rate, "baseline": baseline})
     results: dict = {}
     for d in data:
         for m in methods:
@@ -247,6 +247,36 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
             _append(raw, {"engine": name, "task": "main_job", "seconds": jobs[name]})
             log(f"{name:8s} robustmm run: {jobs[name]:.1f} s")
 
+    return format_report(results, jobs, rate, baseline=baseline, data=data, methods=methods,
+                         tasks=tasks)
+
+
+def report_from_raw(raw: Path) -> str:
+    """The report of the measurements in a JSON-lines file that run_harness_bench wrote (a run
+    that was stopped included: what it measured)."""
+    results, jobs, rate, data, methods, baseline = {}, {}, None, [], [], None
+    for line in Path(raw).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r["task"] == "gemm_rate":
+            rate, baseline = r["flops_per_s"], r.get("baseline")
+        elif r["task"] == "main_job":
+            jobs[r["engine"]] = r["seconds"]
+        else:
+            results[(r["engine"], r["task"], r["data"], r["method"])] = r
+            data += [r["data"]] * (r["data"] not in data)
+            methods += [r["method"]] * (r["method"] not in methods)
+    if rate is None:
+        raise ValueError(f"{raw}: no gemm_rate record")
+    return format_report(results, jobs, rate, baseline=baseline, data=data, methods=methods)
+
+
+def format_report(results: dict, jobs: dict, rate: float, *, baseline: Optional[str],
+                  data: Sequence[str], methods: Sequence[str],
+                  tasks: Sequence[str] = ("train", "score")) -> str:
+    """The markdown report of measured `results` {(engine, task, data, method): record} and
+    main-job seconds `jobs` {engine: s}, at GEMM rate `rate` (FLOP/s)."""
+    import torch
+    engines = ["this"] + ["baseline"] * bool(baseline)
     sha = subprocess.run(["git", "-C", str(_root()), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip() or "unknown"
     lines = [f"# `robustmm bench harness` ({time.strftime('%Y-%m-%d')})", "",
@@ -255,7 +285,7 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
              + (f", baseline {baseline}" if baseline else "") + ". One intra-op thread per "
              f"measurement, each in a fresh process; GEMM rate {rate / 1e9:.1f} GFLOP/s "
              "(fp32, 1 thread).", ""]
-    if with_main_job:
+    if jobs:
         lines += ["## The main job: `robustmm run` (defaults), wall time", "",
                   "| engine | seconds | speed-up |", "|---|---|---|"]
         for name in engines:

@@ -222,7 +222,8 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
     if baseline:
         engines["baseline"] = baseline_checkout(baseline, log=log)
     rate = gemm_rate(1)
-    _append(raw, {"task": "gemm_rate", "flops_per_s": rate, "baseline": baseline})
+    _append(raw, {"task": "gemm_rate", "flops_per_s": rate, "baseline": baseline,
+                  "sha": _head()})
     results: dict = {}
     for d in data:
         for m in methods:
@@ -233,7 +234,8 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
                 floor = _floor_seconds(fl, task, d, rate)
                 for name, engine in engines.items():
                     if floor is not None and floor > max_seconds:
-                        r = {"error": f"skipped: its FLOP floor is {floor:.0f} s"}
+                        r = {"task": task, "data": d, "method": m,
+                             "error": f"skipped: its FLOP floor is {floor:.0f} s"}
                     else:
                         r = probe({"task": task, "data": d, "method": m}, engine)
                     results[(name, task, d, m)] = r
@@ -248,17 +250,23 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
             log(f"{name:8s} robustmm run: {jobs[name]:.1f} s")
 
     return format_report(results, jobs, rate, baseline=baseline, data=data, methods=methods,
-                         tasks=tasks)
+                         tasks=tasks, sha=_head())
+
+
+def _head() -> str:
+    """This checkout's commit (short), or "unknown"."""
+    return subprocess.run(["git", "-C", str(_root()), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or "unknown"
 
 
 def report_from_raw(raw: Path) -> str:
     """The report of the measurements in a JSON-lines file that run_harness_bench wrote (a run
     that was stopped included: what it measured)."""
-    results, jobs, rate, data, methods, baseline = {}, {}, None, [], [], None
+    results, jobs, rate, data, methods, baseline, sha = {}, {}, None, [], [], None, "unknown"
     for line in Path(raw).read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         if r["task"] == "gemm_rate":
-            rate, baseline = r["flops_per_s"], r.get("baseline")
+            rate, baseline, sha = r["flops_per_s"], r.get("baseline"), r.get("sha", sha)
         elif r["task"] == "main_job":
             jobs[r["engine"]] = r["seconds"]
         else:
@@ -267,18 +275,18 @@ def report_from_raw(raw: Path) -> str:
             methods += [r["method"]] * (r["method"] not in methods)
     if rate is None:
         raise ValueError(f"{raw}: no gemm_rate record")
-    return format_report(results, jobs, rate, baseline=baseline, data=data, methods=methods)
+    return format_report(results, jobs, rate, baseline=baseline, data=data, methods=methods,
+                         sha=sha)
 
 
 def format_report(results: dict, jobs: dict, rate: float, *, baseline: Optional[str],
                   data: Sequence[str], methods: Sequence[str],
-                  tasks: Sequence[str] = ("train", "score")) -> str:
+                  tasks: Sequence[str] = ("train", "score"), sha: str = "unknown") -> str:
     """The markdown report of measured `results` {(engine, task, data, method): record} and
-    main-job seconds `jobs` {engine: s}, at GEMM rate `rate` (FLOP/s)."""
+    main-job seconds `jobs` {engine: s}, at GEMM rate `rate` (FLOP/s), of engine `sha`.
+    A (data, method) row appears when something of it was measured."""
     import torch
     engines = ["this"] + ["baseline"] * bool(baseline)
-    sha = subprocess.run(["git", "-C", str(_root()), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip() or "unknown"
     lines = [f"# `robustmm bench harness` ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_cpu_name()}, "
              f"{os.cpu_count()} CPUs; torch {torch.__version__}; this engine {sha}"
@@ -304,6 +312,8 @@ def format_report(results: dict, jobs: dict, rate: float, *, baseline: Optional[
         for d in data:
             for m in methods:
                 new, old = results.get(("this", task, d, m)), results.get(("baseline", task, d, m))
+                if new is None and old is None:
+                    continue
                 fl = results.get(("this", "flops", d, m)) or {}
                 per_row = fl.get("train_flops_per_row" if task == "train" else "score_flops_per_row")
                 floor = f"{rate / per_row:,.0f}" if per_row else "-"

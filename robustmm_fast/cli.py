@@ -4,7 +4,8 @@
                      it complete, on every modality subset and at missing rates 0.1 ... 0.5
     robustmm train   train one method (--method) on --data for --seeds, score it on --protocol
     robustmm eval    score a trained model (best.pt) on --data with --protocol
-    robustmm bench   time an op against eager, torch.compile and PyTorch peers
+    robustmm bench   time an op against eager, torch.compile and PyTorch peers; `harness`: the
+                     training harness beside a baseline revision
     robustmm info    versions and backend availability
 """
 from __future__ import annotations
@@ -337,7 +338,8 @@ def main(argv=None) -> int:
     eval_p.add_argument("--device", default="cpu")
     sub.add_parser("info", help="versions and backend availability")
     bench = sub.add_parser("bench", help="time an op against eager, torch.compile and PyTorch "
-                                         "peers; `models`: a method's training step")
+                                         "peers; `models`: a method's training step; `harness`: the "
+                                         "training harness beside a baseline revision")
     bench.add_argument("op", choices=BENCH_OPS)
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))

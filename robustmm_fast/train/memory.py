@@ -1,9 +1,10 @@
 """Keep freed CPU memory for reuse: glibc's malloc returns every block of 32 MB or more (and,
 under its dynamic threshold, many smaller ones) to the kernel on free(), so a training step on
 CPU tensors of that size page-faults all of them back in at the next step. On a MOSI-shaped
-CyIN step (batch 128, 50 tokens, MulT's 512-wide memory) that is 3.6 M page faults and 17 s
-of kernel time in a 45 s step (benches/results/harness-*.md). PyTorch's CPU allocator has no
-cache of its own (its CUDA allocator does, for the same reason).
+CyIN step (batch 128, 50 tokens, MulT's 512-wide memory) that is 3.1-3.6 M page faults and
+12-20 s of kernel time in a 45-75 s step; with keep_freed_memory 0.24 M and 0.6 s in 29.5 s
+(tools/malloc_page_faults.py). PyTorch's CPU allocator has no cache of its own (its CUDA
+allocator does, for the same reason).
 
 keep_freed_memory() sets mallopt(M_MMAP_MAX, 0) (no block served by mmap: every block comes
 from the heap and is reused) and mallopt(M_TRIM_THRESHOLD, 2 GiB - 1) (the heap is not

@@ -58,7 +58,8 @@ def test_a_measurement_beyond_its_flop_floor_limit_is_skipped(monkeypatch):
     def fake_probe(task, engine=None, timeout=0):
         calls.append(task["task"])
         if task["task"] == "flops":
-            return {**task, "train_flops_per_row": 1e15, "score_flops_per_row": 1.0}
+            return {**task, "train_flops_per_row": 1e15, "score_flops_per_row": 1.0,
+                    "n_train": 1400, "n_test": 400, "modalities": 2}
         return {**task, "rows_per_s": 1.0, "fit_rows_per_s": 1.0}
     monkeypatch.setattr(harness, "probe", fake_probe)
     report = harness.run_harness_bench(baseline=None, data=("m:2",), methods=("cyin",),

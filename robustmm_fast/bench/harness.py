@@ -98,7 +98,7 @@ def probe(task: dict, engine: Optional[Path] = None, timeout: float = 3600) -> d
     return result
 
 
-def main_job(engine: Optional[Path], extra: Sequence[str] = ()) -> float:
+def main_job(engine: Optional[Path]) -> float:
     """Wall seconds of `robustmm run` (its defaults) with `engine` first on the path; the
     threads are the command's own defaults (this engine: one worker per core, one thread
     each; the baseline: one process, torch's default threads)."""
@@ -108,7 +108,7 @@ def main_job(engine: Optional[Path], extra: Sequence[str] = ()) -> float:
         # cwd=out: `python -m` puts the working directory first on the path, and it must not
         # be a checkout of another engine
         subprocess.run([sys.executable, "-m", "robustmm_fast.cli", "run", "--out", out,
-                        "--no-progress", *extra], env=env, check=True, cwd=out,
+                        "--no-progress"], env=env, check=True, cwd=out,
                        stdout=subprocess.DEVNULL)
         return time.perf_counter() - t0
 
@@ -145,19 +145,17 @@ def _append(raw: Optional[Path], record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _floor_seconds(flops: dict, task: str, data: str, rate: float) -> Optional[float]:
+def _floor_seconds(flops: dict, task: str, rate: float) -> Optional[float]:
     """The FLOP floor of one probe measurement: its rows (training: one epoch per stage, at
     most two; scoring: 69 masks for 6 modalities, 2^M - 1 + 6 in general) times the FLOPs
-    per row, at `rate`; None when the FLOPs were not counted."""
+    per row, at `rate`; None when the FLOPs were not counted. The split sizes come with the
+    flops probe's record (loading the data here again cost a 3 GB MOSI-shaped set per row)."""
     if "error" in flops:
         return None
-    from .harness_probe import load  # rows per split without training anything
-    dataset = load(data)
     if task == "train":
-        rows = 2 * dataset.split_size("train")
-        return rows * flops["train_flops_per_row"] / rate
-    masks = 2 ** dataset.num_modalities - 1 + 6
-    return masks * dataset.split_size("test") * flops["score_flops_per_row"] / rate
+        return 2 * flops["n_train"] * flops["train_flops_per_row"] / rate
+    masks = 2 ** flops["modalities"] - 1 + 6
+    return masks * flops["n_test"] * flops["score_flops_per_row"] / rate
 
 
 def _job_floor(results: dict, methods: Sequence[str], rate: float, seeds: int = 5,
@@ -231,7 +229,7 @@ def run_harness_bench(*, baseline: Optional[str] = DEFAULT_BASELINE,
                                                             "method": m})
             _append(raw, {"engine": "this", **fl})
             for task in tasks:
-                floor = _floor_seconds(fl, task, d, rate)
+                floor = _floor_seconds(fl, task, rate)
                 for name, engine in engines.items():
                     if floor is not None and floor > max_seconds:
                         r = {"task": task, "data": d, "method": m,
